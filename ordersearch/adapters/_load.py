@@ -1,0 +1,198 @@
+"""``load_bank(source)``: a bank from text — a saved bank, ``timm:<name>``, ``isoresnet:...``."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..bank import BANK_FORMAT, BANK_FORMAT_VERSION, Bank
+from ..errors import BankError
+from ..isoresnet import IsoResNet, parse_isoresnet_source
+from ._registry import bank_from_model
+
+__all__ = ["load_bank", "build_source_model"]
+
+log = logging.getLogger("ordersearch")
+
+
+def load_bank(
+    source: str | Path | Bank,
+    *,
+    pretrained: bool = False,
+    checkpoint: str | Path | None = None,
+    data_config: dict[str, Any] | None = None,
+    seed: int | None = 0,
+    verify: bool = True,
+    **model_kwargs: Any,
+) -> Bank:
+    """Load a bank from a saved file or build one from a model source.
+
+    Args:
+        source: One of
+            a saved bank (``bank.safetensors`` or the folder holding it);
+            ``timm:<model name>`` (any timm isometric model, e.g. ``timm:vit_small_patch16_224``);
+            ``isoresnet:width=32,blocks=6,classes=10`` (the project's own architecture).
+        pretrained: timm only: load timm's pretrained weights (hub, or the file named by
+            ``pretrained_cfg_overlay={"file": ...}``).
+        checkpoint: A local weights file (``.safetensors``, or a ``torch.save`` file loaded
+            with ``weights_only=True``) for the model.
+        data_config: Overrides for input size, mean, std.
+        seed: Seed for randomly initialised weights (no ``pretrained`` and no ``checkpoint``).
+        verify: Check block shapes and that the identity order reproduces the model.
+        **model_kwargs: Passed to ``timm.create_model`` (e.g. ``depth=4, img_size=64``).
+
+    Example:
+        >>> bank = load_bank("isoresnet:width=8,blocks=4,classes=10")
+        >>> bank.n_blocks
+        4
+    """
+    if isinstance(source, Bank):
+        return source
+    text = str(source)
+    path = Path(text)
+    if path.is_dir() and (path / "bank.safetensors").exists():
+        path = path / "bank.safetensors"
+    if path.suffix == ".safetensors" or path.exists():
+        if model_kwargs or pretrained or checkpoint:
+            raise BankError("a saved bank takes no model arguments, pretrained= or checkpoint=")
+        return _load_saved(path, data_config=data_config, verify=verify)
+    model = build_source_model(text, pretrained=pretrained, checkpoint=checkpoint, seed=seed, **model_kwargs)
+    return bank_from_model(
+        model, source=_canonical(text, model), model_kwargs=model_kwargs, data_config=data_config, verify=verify
+    )
+
+
+def _canonical(text: str, model: torch.nn.Module) -> str:
+    if isinstance(model, IsoResNet):
+        return model.config.source()
+    return text
+
+
+def build_source_model(
+    source: str,
+    *,
+    pretrained: bool = False,
+    checkpoint: str | Path | None = None,
+    seed: int | None = 0,
+    **model_kwargs: Any,
+) -> torch.nn.Module:
+    """The ``nn.Module`` named by a source string, with weights loaded as asked."""
+    scheme, _, name = source.partition(":")
+    if seed is not None and not pretrained and checkpoint is None:
+        torch.manual_seed(seed)
+    if scheme == "isoresnet":
+        if pretrained:
+            raise BankError("isoresnet has no pretrained weights; pass checkpoint= or train one")
+        if model_kwargs:
+            raise BankError("isoresnet takes its settings in the source text, e.g. isoresnet:width=32,blocks=6")
+        model = IsoResNet(parse_isoresnet_source(source))
+        if checkpoint is not None:
+            _load_weights(model, Path(checkpoint))
+        return model.eval()
+    if scheme == "timm":
+        if not name:
+            raise BankError("timm source needs a model name, e.g. timm:vit_small_patch16_224")
+        import timm
+
+        if not timm.is_model(name):
+            close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
+            raise BankError(f"timm has no model {name!r}" + (f"; similar: {', '.join(close)}" if close else ""))
+        kwargs = dict(model_kwargs)
+        if checkpoint is not None:
+            checkpoint = Path(checkpoint)
+            if not checkpoint.is_file():
+                raise BankError(f"checkpoint {checkpoint} does not exist")
+            kwargs["checkpoint_path"] = str(checkpoint)  # timm loads it with weights_only=True
+        try:
+            return timm.create_model(name, pretrained=pretrained, **kwargs).eval()
+        except (OSError, RuntimeError, TypeError) as exc:
+            what = "pretrained weights" if pretrained else "the model"
+            raise BankError(f"timm could not create {name} with {what}: {_one_line(exc)}") from None
+    raise BankError(
+        f"unknown bank source {source!r}: expected a saved bank file or folder, "
+        "timm:<model name>, or isoresnet:width=..,blocks=..,classes=.."
+    )
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _load_weights(model: torch.nn.Module, path: Path) -> None:
+    if not path.is_file():
+        raise BankError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(path))
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        if isinstance(state, dict):
+            for key in ("state_dict", "model"):
+                if isinstance(state.get(key), dict):
+                    state = state[key]
+                    break
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise BankError(f"checkpoint {path} does not fit the model: {_one_line(exc)}") from None
+
+
+def read_bank_header(path: Path) -> dict[str, Any]:
+    """The JSON header stored in a saved bank's safetensors metadata."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except FileNotFoundError:
+        raise BankError(f"bank file {path} does not exist") from None
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise BankError(f"{path} is not a readable safetensors bank ({_one_line(exc)})") from None
+    if "ordersearch" not in meta:
+        raise BankError(f"{path} is a safetensors file but not an ordersearch bank (no header)")
+    try:
+        header = json.loads(meta["ordersearch"])
+    except json.JSONDecodeError:
+        raise BankError(f"{path}: the bank header is not valid JSON") from None
+    if header.get("format") != BANK_FORMAT:
+        raise BankError(f"{path}: format {header.get('format')!r} is not {BANK_FORMAT!r}")
+    if int(header.get("version", 0)) > BANK_FORMAT_VERSION:
+        raise BankError(
+            f"{path}: bank format version {header['version']} is newer than this ordersearch "
+            f"understands ({BANK_FORMAT_VERSION}); upgrade ordersearch"
+        )
+    return header
+
+
+def _load_saved(path: Path, *, data_config: dict[str, Any] | None, verify: bool) -> Bank:
+    from safetensors.torch import load_model
+
+    header = read_bank_header(path)
+    model = build_source_model(header["source"], seed=None, **header.get("model_kwargs", {}))
+    try:
+        load_model(model, str(path), strict=True)
+    except RuntimeError as exc:
+        raise BankError(f"{path}: weights do not fit {header['source']}: {_one_line(exc)}") from None
+    config = dict(header.get("data_config") or {})
+    config.update(data_config or {})
+    bank = bank_from_model(
+        model.eval(),
+        adapter=header.get("adapter"),
+        source=header["source"],
+        model_kwargs=header.get("model_kwargs"),
+        data_config=config,
+        source_orders=header.get("source_orders"),
+        verify=verify,
+    )
+    if header.get("fingerprint") and bank.fingerprint != header["fingerprint"]:
+        raise BankError(f"{path}: weights do not match the fingerprint in the header (file altered?)")
+    bank.path = str(path)
+    log.info("loaded bank %s from %s", bank.describe_source(), path)
+    return bank

@@ -1,0 +1,28 @@
+"""Errors that carry a one-line, user-facing message.
+
+The CLI turns :class:`OrderSearchError` into exit code 2 and prints only its message.
+"""
+
+from __future__ import annotations
+
+__all__ = ["OrderSearchError", "OrderError", "BankError", "SpecError", "DataError"]
+
+
+class OrderSearchError(ValueError):
+    """Base class for bad input: the message is meant to be shown to the user as is."""
+
+
+class OrderError(OrderSearchError):
+    """An order is malformed or does not fit a bank or an order space."""
+
+
+class BankError(OrderSearchError):
+    """A model cannot be turned into a bank, or a bank file is unusable."""
+
+
+class SpecError(OrderSearchError):
+    """An order spec file is malformed, truncated, too new, or made for another bank."""
+
+
+class DataError(OrderSearchError):
+    """A data spec cannot be parsed or its data cannot be loaded."""
