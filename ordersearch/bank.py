@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,9 @@ class Bank(nn.Module):
         model_kwargs: Keyword arguments the source needs to rebuild the architecture.
         data_config: Input size, mean, std and interpolation the model expects.
         source_orders: Named orders the bank was trained with (per task or domain).
+        block_at: ``(block, position) -> module`` for banks that keep per-position state
+            (e.g. BatchNorm statistics per position when a block is reused); by default
+            the block itself, whatever its position.
 
     Example:
         >>> import ordersearch
@@ -70,6 +73,7 @@ class Bank(nn.Module):
         model_kwargs: Mapping[str, Any] | None = None,
         data_config: Mapping[str, Any] | None = None,
         source_orders: Mapping[str, Order] | None = None,
+        block_at: Callable[[int, int], nn.Module] | None = None,
     ) -> None:
         super().__init__()
         if len(blocks) == 0:
@@ -87,6 +91,7 @@ class Bank(nn.Module):
         self.source_orders: dict[str, Order] = {
             name: Order.parse(o).validate(len(blocks)) for name, o in (source_orders or {}).items()
         }
+        self._block_at = block_at
         self.freeze()
 
     # --- structure ----------------------------------------------------------------------
@@ -117,10 +122,20 @@ class Bank(nn.Module):
         return sum(p.numel() for p in self.blocks[0].parameters())
 
     # --- forward ------------------------------------------------------------------------
+    def block_at(self, block: int, position: int) -> nn.Module:
+        """The module that runs ``block`` at ``position`` of an order.
+
+        The block itself for most banks; banks with per-position normalisation statistics
+        return a view of the block bound to that position's statistics.
+        """
+        if self._block_at is None:
+            return self.blocks[block]
+        return self._block_at(block, position)
+
     def run_blocks(self, h: torch.Tensor, order: Order | Sequence[int]) -> torch.Tensor:
         """Apply the blocks of ``order`` to a stem output ``h``."""
-        for i in order:
-            h = self.blocks[i](h)
+        for pos, i in enumerate(order):
+            h = self.block_at(i, pos)(h)
         return h
 
     def forward(self, x: torch.Tensor, order: Order | Sequence[int] | None = None) -> torch.Tensor:

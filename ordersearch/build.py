@@ -32,7 +32,7 @@ class OrderedModel(nn.Module):
         super().__init__()
         self.order = order
         self.stem = bank.stem
-        self.blocks = nn.ModuleList(bank.blocks[i] for i in order)
+        self.blocks = nn.ModuleList(bank.block_at(i, pos) for pos, i in enumerate(order))
         self.head = head
         self.pool = bank.features
         self.data_config = dict(bank.data_config)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from . import isoresnet as _isoresnet  # noqa: F401  (registers the adapter)
 from . import timm_models as _timm_models  # noqa: F401  (registers the adapters)
-from ._load import build_source_model, load_bank, read_bank_header
+from ._load import build_source_model, load_bank, read_bank_header, register_source
 from ._registry import Adapter, bank_from_model, get_adapter, list_adapters, register_adapter
 
 __all__ = [
@@ -16,4 +16,5 @@ __all__ = [
     "load_bank",
     "read_bank_header",
     "register_adapter",
+    "register_source",
 ]

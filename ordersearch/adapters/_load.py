@@ -6,6 +6,7 @@ import difflib
 import json
 import logging
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -15,7 +16,26 @@ from ..errors import BankError
 from ..isoresnet import IsoResNet, parse_isoresnet_source
 from ._registry import bank_from_model
 
-__all__ = ["load_bank", "build_source_model"]
+__all__ = ["load_bank", "build_source_model", "register_source"]
+
+# scheme -> (build(source_text, checkpoint, **model_kwargs) -> model, canonical(model) -> text)
+_SOURCES: dict[str, tuple[Callable[..., torch.nn.Module], Callable[[torch.nn.Module], str] | None]] = {}
+
+
+def register_source(
+    scheme: str,
+    build: Callable[..., torch.nn.Module],
+    canonical: Callable[[torch.nn.Module], str] | None = None,
+) -> None:
+    """Teach :func:`load_bank` a new source scheme ``<scheme>:<settings>``.
+
+    Args:
+        scheme: Text before the colon (``isoresnet``, ``timm`` are built in).
+        build: ``build(source_text, **model_kwargs) -> nn.Module`` with random weights; the
+            caller seeds the RNG and loads checkpoints.
+        canonical: ``canonical(model) -> source text`` that rebuilds ``model`` exactly.
+    """
+    _SOURCES[scheme] = (build, canonical)
 
 log = logging.getLogger("ordersearch")
 
@@ -70,6 +90,9 @@ def load_bank(
 def _canonical(text: str, model: torch.nn.Module) -> str:
     if isinstance(model, IsoResNet):
         return model.config.source()
+    entry = _SOURCES.get(text.partition(":")[0])
+    if entry is not None and entry[1] is not None:
+        return entry[1](model)
     return text
 
 
@@ -113,9 +136,17 @@ def build_source_model(
         except (OSError, RuntimeError, TypeError) as exc:
             what = "pretrained weights" if pretrained else "the model"
             raise BankError(f"timm could not create {name} with {what}: {_one_line(exc)}") from None
+    if scheme in _SOURCES:
+        if pretrained:
+            raise BankError(f"{scheme} sources have no pretrained weights; pass checkpoint=")
+        model = _SOURCES[scheme][0](source, **model_kwargs)
+        if checkpoint is not None:
+            _load_weights(model, Path(checkpoint))
+        return model.eval()
     raise BankError(
         f"unknown bank source {source!r}: expected a saved bank file or folder, "
-        "timm:<model name>, or isoresnet:width=..,blocks=..,classes=.."
+        "timm:<model name>, isoresnet:width=..,blocks=..,classes=.."
+        + "".join(f", {k}:..." for k in _SOURCES)
     )
 
 

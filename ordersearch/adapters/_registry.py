@@ -26,7 +26,8 @@ class Adapter:
         name: Registry name (``vit``, ``convmixer``, ...).
         matches: True for models this adapter handles.
         build: Returns the bank's parts as a dict with keys ``stem``, ``blocks``, ``head``,
-            ``features`` (modules) and optional ``data_config``.
+            ``features`` (modules) and optional ``data_config``, ``source_orders`` and
+            ``block_at`` (see :class:`~ordersearch.Bank`).
         description: One line for ``ordersearch adapters``.
     """
 
@@ -116,7 +117,8 @@ def bank_from_model(
         source=source,
         model_kwargs=model_kwargs,
         data_config=config,
-        source_orders=source_orders,
+        source_orders=source_orders or parts.get("source_orders"),
+        block_at=parts.get("block_at"),
     )
     if verify:
         _check_shapes(bank)

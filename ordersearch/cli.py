@@ -1,0 +1,210 @@
+"""The ``ordersearch`` command line.
+
+Bad input exits with code 2 and one line on stderr (no traceback); success exits with 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import fields, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import OrderSearchError
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, exit 2 (argparse prints usage too)
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="ordersearch",
+        description="Adapt pretrained isometric networks by searching the order of their frozen blocks.",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    demo = sub.add_parser("demo", help="train a digits bank and reorder it for a shifted domain")
+    demo.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
+    from .demo import DemoConfig
+
+    for f in fields(DemoConfig):
+        demo.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=None,
+                          help=f"default: {f.default}")
+    demo.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    info = sub.add_parser("info", help="blocks, shapes, parameters and fingerprint of a bank")
+    info.add_argument("bank", help="bank file or folder, timm:<name>, or isoresnet:...")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    info.add_argument("--pretrained", action="store_true", help="timm: load pretrained weights")
+    info.add_argument("--checkpoint", help="local weights file for the model")
+
+    show = sub.add_parser("show", help="print an order spec")
+    show.add_argument("spec", help="order spec JSON file")
+    show.add_argument("--bank", help="also check the spec against this bank")
+    show.add_argument("--json", action="store_true", help="print the spec as JSON")
+
+    sub.add_parser("adapters", help="list the model families ordersearch can turn into banks")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``ordersearch`` console script."""
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return {"demo": _demo, "info": _info, "show": _show, "adapters": _adapters}[args.command](args)
+    except OrderSearchError as exc:
+        print(f"ordersearch: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("ordersearch: interrupted", file=sys.stderr)
+        return 130
+
+
+def _progress_bar(enabled: bool):
+    if not enabled:
+        return None, lambda: None
+    from tqdm.auto import tqdm
+
+    bars: dict[str, Any] = {}
+
+    def update(stage: str, done: int, total: int) -> None:
+        key = stage.split(" (")[0]
+        bar = bars.get(key)
+        if bar is None:
+            bar = bars[key] = tqdm(total=total, desc=key, leave=True, dynamic_ncols=True)
+        bar.total = total
+        bar.set_postfix_str(stage[len(key):].strip(" ()"), refresh=False)
+        bar.update(done - bar.n)
+
+    def close() -> None:
+        for bar in bars.values():
+            bar.close()
+
+    return update, close
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from .demo import DemoConfig, run_demo
+
+    overrides = {f.name: getattr(args, f.name) for f in fields(DemoConfig) if getattr(args, f.name) is not None}
+    config = replace(DemoConfig(), **overrides)
+    update, close = _progress_bar(not args.no_progress)
+    try:
+        result = run_demo(config, args.out, progress=update)
+    finally:
+        close()
+    print(f"\nsource bank: {result.config.bank} trained on {result.config.source} "
+          f"(test accuracy {result.source_accuracy:.3f}{', reused' if result.bank_reused else ''})")
+    print(f"target: {result.config.target}; {len(result.rows)} orders scored by the source head\n")
+    shown = result.rows[:8]
+    if result.identity not in shown:
+        shown.append(result.identity)
+    print(_table(
+        ["order", "depth", "target val acc", "target test acc"],
+        [[r["order"] + (" (identity)" if r["identity"] else ""), r["depth"],
+          f"{r['val_accuracy']:.3f}", f"{r['test_accuracy']:.3f}"] for r in shown],
+    ))
+    best, ident = result.best, result.identity
+    if best["identity"] or best["val_accuracy"] <= ident["val_accuracy"]:
+        print("\nno order beat the identity on the target's validation split")
+    else:
+        print(f"\nbest order {best['order']}: test accuracy {best['test_accuracy']:.3f} "
+              f"vs identity {ident['test_accuracy']:.3f} ({best['test_accuracy'] - ident['test_accuracy']:+.3f})")
+    print(f"wrote {result.files['spec']}, {result.files['report']}, {result.files['orders']} "
+          f"in {result.seconds:.0f} s")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .adapters import load_bank
+
+    kwargs: dict[str, Any] = {}
+    if args.pretrained:
+        kwargs["pretrained"] = True
+    if args.checkpoint:
+        kwargs["checkpoint"] = args.checkpoint
+    bank = load_bank(args.bank, **kwargs)
+    info = bank.info()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    rows = [
+        ["source", info["source"]],
+        ["adapter", info["adapter"]],
+        ["blocks (K)", info["n_blocks"]],
+        ["block shape", " x ".join(map(str, info["block_shape"] or []))],
+        ["input size", " x ".join(map(str, info["input_size"]))],
+        ["parameters per block", f"{info['block_parameters']:,}"],
+        ["parameters in blocks", f"{info['blocks_parameters']:,}"],
+        ["parameters in total", f"{info['total_parameters']:,}"],
+        ["classes (source head)", info["num_classes"]],
+        ["fingerprint", info["fingerprint"]],
+    ]
+    for name, order in info["source_orders"].items():
+        rows.append([f"source order {name!r}", order])
+    print(_table(["", ""], rows, header=False))
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from .spec import load_order
+
+    bank = None
+    if args.bank:
+        from .adapters import load_bank
+
+        bank = load_bank(args.bank)
+    spec = load_order(args.spec, bank)
+    if args.json:
+        print(json.dumps(spec.to_json(), indent=2))
+        return 0
+    rows = [
+        ["order", f"{spec.order}  (depth {len(spec.order)})"],
+        ["bank", spec.bank.get("path") or spec.bank.get("source") or spec.bank.get("adapter")],
+        ["bank fingerprint", spec.bank["fingerprint"][:16] + ("  (matches --bank)" if bank is not None else "")],
+        ["objective", spec.objective],
+        ["score", "-" if spec.score is None else f"{spec.score:.4f}"],
+        ["searcher", spec.searcher],
+        ["study", spec.study],
+        ["data", spec.data if isinstance(spec.data, str) else json.dumps(spec.data)],
+        ["created", spec.created],
+    ]
+    for key, value in sorted(spec.metrics.items()):
+        rows.append([f"  {key}", f"{value:.4f}" if isinstance(value, float) else value])
+    print(_table(["", ""], [r for r in rows if r[1] is not None], header=False))
+    return 0
+
+
+def _adapters(args: argparse.Namespace) -> int:
+    from .adapters import list_adapters
+
+    print(_table(["adapter", "models"], [[a.name, a.description] for a in list_adapters()]))
+    return 0
+
+
+def _table(head: list[str], rows: list[list[Any]], *, header: bool = True) -> str:
+    cells = [[str(c) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(head)]
+    lines = []
+    if header:
+        lines.append("  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip())
+        lines.append("  ".join("-" * w for w in widths))
+    for r in cells:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,206 @@
+from __future__ import annotations
+
+import pytest
+import timm
+import torch
+from torch import nn
+
+import ordersearch
+from ordersearch import BankError, Order, bank_from_model, build_model, load_bank
+
+# Small random-init configurations of every supported family.
+FAMILIES = {
+    "isoresnet": ("isoresnet:width=8,blocks=4,classes=10", {}),
+    "vit": ("timm:vit_tiny_patch16_224", dict(depth=3, img_size=32, patch_size=8, embed_dim=32, num_heads=2, num_classes=5)),
+    "deit_distilled": ("timm:deit_tiny_distilled_patch16_224", dict(depth=3, img_size=32, patch_size=8, embed_dim=32, num_heads=2, num_classes=5)),
+    "vit_registers": ("timm:vit_small_patch14_reg4_dinov2", dict(depth=3, img_size=32, patch_size=8, embed_dim=32, num_heads=2, num_classes=5)),
+    "test_vit": ("timm:test_vit", dict(img_size=32, num_classes=5)),
+    "resmlp": ("timm:resmlp_12_224", dict(img_size=32, num_classes=5)),
+    "mixer": ("timm:mixer_s16_224", dict(img_size=32, num_classes=5)),
+}
+
+
+@pytest.fixture(scope="module")
+def banks():
+    return {name: load_bank(src, **kw) for name, (src, kw) in FAMILIES.items()}
+
+
+def _convmixer():
+    from timm.models.convmixer import ConvMixer
+
+    torch.manual_seed(0)
+    return ConvMixer(dim=16, depth=3, kernel_size=3, patch_size=4, num_classes=5).eval()
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_identity_order_reproduces_source_logits(banks, name):
+    bank = banks[name]
+    x = torch.randn(3, *bank.data_config["input_size"])
+    with torch.inference_mode():
+        assert torch.allclose(bank(x), bank.model(x), atol=1e-5, rtol=1e-5)
+        assert torch.allclose(build_model(bank)(x), bank.model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_expected_adapters(banks):
+    assert {n: b.adapter for n, b in banks.items()} == {
+        "isoresnet": "isoresnet", "vit": "vit", "deit_distilled": "vit", "vit_registers": "vit",
+        "test_vit": "vit", "resmlp": "mixer", "mixer": "mixer",
+    }
+    # class + distillation tokens, and class + 4 register tokens, are part of the stem output
+    assert banks["deit_distilled"].data_config["block_shape"] == [16 + 2, 32]
+    assert banks["vit_registers"].data_config["block_shape"] == [16 + 1 + 4, 32]
+
+
+def test_convmixer_and_generic_adapter_reproduce_the_model():
+    model = _convmixer()
+    x = torch.randn(2, 3, 32, 32)
+    for adapter in (None, "blocks"):
+        bank = bank_from_model(model, adapter=adapter, data_config={"input_size": (3, 32, 32)})
+        assert bank.adapter == (adapter or "convmixer")
+        with torch.inference_mode():
+            assert torch.allclose(bank(x), model(x), atol=1e-6)
+
+
+def test_generic_adapter_on_a_plain_module_with_blocks():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(6, 16)
+            self.blocks = nn.Sequential(*(nn.Sequential(nn.Linear(16, 16), nn.Tanh()) for _ in range(3)))
+
+        def forward(self, x):
+            return self.blocks(self.inp(x))
+
+    net = Net().eval()
+    bank = bank_from_model(net, data_config={"input_size": (6,)})
+    assert bank.adapter == "blocks" and bank.head is None and bank.n_blocks == 3
+    x = torch.randn(4, 6)
+    with torch.inference_mode():
+        assert torch.allclose(bank.run_blocks(bank.stem(x), bank.identity), net(x))
+        assert bank.embed(x, "2-2").shape == (4, 16)
+
+
+def test_non_isometric_model_gets_an_error_listing_shapes():
+    model = timm.create_model("test_efficientnet", num_classes=3)
+    with pytest.raises(BankError, match=r"not isometric.*block 0: \(\d+, \d+, \d+\) -> \(\d+"):
+        bank_from_model(model)
+
+
+def test_model_without_blocks_is_refused():
+    with pytest.raises(BankError, match="has no adapter"):
+        bank_from_model(nn.Linear(3, 3))
+
+
+def test_fingerprint_changes_with_any_block_weight(banks):
+    bank = load_bank("isoresnet:width=8,blocks=4,classes=10")
+    before = bank.fingerprint
+    assert before == load_bank("isoresnet:width=8,blocks=4,classes=10").fingerprint  # seeded init
+    with torch.no_grad():
+        bank.blocks[3].conv2.weight[0, 0, 0, 0] += 1e-3
+    assert bank.fingerprint != before
+    with torch.no_grad():
+        bank.blocks[3].conv2.weight[0, 0, 0, 0] -= 1e-3
+    bank.blocks[1].norm1.running_mean += 0.5  # statistics are weights too
+    assert bank.fingerprint != before
+
+
+@pytest.mark.parametrize("name", ["isoresnet", "vit", "mixer"])
+def test_save_and_load_round_trip(banks, name, tmp_path):
+    bank = banks[name]
+    path = bank.save(tmp_path / "bank.safetensors")
+    assert (tmp_path / "bank.safetensors.json").exists()
+    again = load_bank(path)
+    assert again.fingerprint == bank.fingerprint and again.adapter == bank.adapter
+    assert again.path == str(path)
+    x = torch.randn(2, *bank.data_config["input_size"])
+    with torch.inference_mode():
+        assert torch.allclose(again(x, "0-0-1"), bank(x, "0-0-1"), atol=1e-6)
+    assert load_bank(tmp_path).fingerprint == bank.fingerprint  # the folder works too
+
+
+def test_saved_bank_keeps_source_orders(tmp_path):
+    model = ordersearch.IsoResNet(width=8, blocks=3, classes=10)
+    bank = bank_from_model(model, source=model.config.source(), source_orders={"rot": "2-1-0", "inv": [0, 0, 1]})
+    again = load_bank(bank.save(tmp_path / "b.safetensors"))
+    assert again.source_orders == {"rot": Order([2, 1, 0]), "inv": Order([0, 0, 1])}
+
+
+def test_bad_bank_files_fail_in_one_line(tmp_path):
+    missing = tmp_path / "nope.safetensors"
+    with pytest.raises(BankError, match="does not exist"):
+        load_bank(missing)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")
+    with pytest.raises(BankError, match="not a readable safetensors bank"):
+        load_bank(junk)
+    with pytest.raises(BankError, match="unknown bank source"):
+        load_bank("resnet50")
+    with pytest.raises(BankError, match="timm has no model 'vit_tinny_patch16_224'; similar: vit_tiny_patch16_224"):
+        load_bank("timm:vit_tinny_patch16_224")
+    with pytest.raises(BankError, match="unknown setting 'depth=3'"):
+        load_bank("isoresnet:width=8,depth=3")
+
+
+def test_in_memory_bank_cannot_be_saved(tmp_path):
+    bank = bank_from_model(_convmixer(), data_config={"input_size": (3, 32, 32)})
+    with pytest.raises(BankError, match="cannot be rebuilt"):
+        bank.save(tmp_path / "b.safetensors")
+
+
+def test_timm_checkpoint_and_pretrained_file_paths(tmp_path):
+    kw = dict(depth=2, img_size=32, patch_size=8, embed_dim=32, num_heads=2, num_classes=5)
+    torch.manual_seed(3)
+    trained = timm.create_model("vit_tiny_patch16_224", **kw)
+    ref = load_bank("timm:vit_tiny_patch16_224", seed=0, **kw)
+    assert ref.fingerprint != bank_from_model(trained).fingerprint
+
+    # a local checkpoint: torch.save (read with weights_only=True) and safetensors
+    pt = tmp_path / "vit.pth"
+    torch.save({"state_dict": trained.state_dict()}, pt)
+    from safetensors.torch import save_file
+
+    st = tmp_path / "vit.safetensors"
+    save_file(trained.state_dict(), str(st))
+    want = bank_from_model(trained).fingerprint
+    assert load_bank("timm:vit_tiny_patch16_224", checkpoint=pt, **kw).fingerprint == want
+    assert load_bank("timm:vit_tiny_patch16_224", checkpoint=st, **kw).fingerprint == want
+    # timm's own pretrained path, pointed at a local file instead of the hub
+    bank = load_bank("timm:vit_tiny_patch16_224", pretrained=True, pretrained_cfg_overlay={"file": str(st)}, **kw)
+    assert bank.fingerprint == want
+    with pytest.raises(BankError, match="does not exist"):
+        load_bank("timm:vit_tiny_patch16_224", checkpoint=tmp_path / "missing.pth", **kw)
+
+
+def test_isoresnet_checkpoint_and_data_config(tmp_path):
+    model = ordersearch.IsoResNet(width=8, blocks=2, classes=3, in_chans=3, input_size=12)
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    bank = load_bank("isoresnet:width=8,blocks=2,classes=3,in_chans=3,input_size=12", checkpoint=tmp_path / "m.pt")
+    assert bank.data_config["input_size"] == (3, 12, 12) and bank.num_classes == 3
+    assert bank.source == "isoresnet:width=8,blocks=2,classes=3,in_chans=3,input_size=12,bn=1"
+
+
+def test_timm_data_config_comes_from_timm(banks):
+    cfg = banks["deit_distilled"].data_config
+    assert tuple(cfg["mean"]) == (0.485, 0.456, 0.406) and cfg["interpolation"] == "bicubic"
+    assert tuple(cfg["input_size"]) == (3, 32, 32)  # the size the model was built for
+
+
+def test_build_model_shares_blocks_and_fine_tunes(banks):
+    bank = load_bank("isoresnet:width=8,blocks=3,classes=10")
+    net = build_model(bank, "2-0-2", trainable=True)
+    assert net.blocks[0] is bank.blocks[2] and net.blocks[2] is bank.blocks[2]
+    x, y = torch.randn(8, 1, 16, 16), torch.randint(0, 10, (8,))
+    net.train()
+    loss = nn.functional.cross_entropy(net(x), y)
+    loss.backward()
+    assert bank.blocks[2].conv1.weight.grad is not None and bank.blocks[1].conv1.weight.grad is None
+    opt = torch.optim.SGD([p for p in net.parameters() if p.requires_grad], lr=0.1)
+    before = bank.blocks[2].conv1.weight.clone()
+    opt.step()
+    assert not torch.equal(before, bank.blocks[2].conv1.weight)  # shared, not copied
+    assert net.features(x).shape == (8, 8)
+
+
+def test_build_model_validates_order(banks):
+    with pytest.raises(ordersearch.OrderError, match="position 1 uses block 9"):
+        build_model(banks["isoresnet"], [0, 9])
