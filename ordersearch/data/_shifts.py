@@ -10,7 +10,7 @@ applied one after another with that generator.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -253,17 +253,14 @@ def _morph(x: torch.Tensor, strength: float, dilate: bool) -> torch.Tensor:
     return out if dilate else -out
 
 
-@register_shift("thicken", param="stroke growth in pixels of the working image (grey dilation steps)",
+@register_shift("thicken", param="growth of bright strokes, in pixels of the working image (grey dilation)",
                 low=0, high=8, default=1, identity=0)
 def _thicken(x: torch.Tensor, strength: float, g: torch.Generator) -> torch.Tensor:
     return _morph(x, strength, dilate=True)
 
 
-@register_shift("thin", param="stroke shrinkage in pixels of the working image (grey erosion steps)",
+@register_shift("thin", param="shrinkage of bright strokes, in pixels of the working image (grey erosion)",
                 low=0, high=8, default=1, identity=0)
 def _thin(x: torch.Tensor, strength: float, g: torch.Generator) -> torch.Tensor:
     return _morph(x, strength, dilate=False)
 
-
-def shift_names() -> Sequence[str]:
-    return tuple(SHIFTS)

@@ -18,6 +18,7 @@ Grammar::
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, replace
 
@@ -88,13 +89,13 @@ class DataSpec:
         return self.source + (":" + ",".join(items) if items else "")
 
 
-def parse_spec(text: str | DataSpec) -> DataSpec:
+def parse_spec(text: str | os.PathLike[str] | DataSpec) -> DataSpec:
     """Parse a data spec (see the module docstring for the grammar).
 
     Only the text is checked here; paths are opened by :func:`ordersearch.data.load`.
 
     Args:
-        text: ``digits[:items]``, ``PATH[:items]``, or an already parsed DataSpec.
+        text: ``digits[:items]``, ``PATH[:items]`` (a ``pathlib.Path`` too), or a parsed DataSpec.
 
     Returns:
         The parsed spec; ``str()`` of it is the canonical form (numbers normalised, options
@@ -112,6 +113,8 @@ def parse_spec(text: str | DataSpec) -> DataSpec:
     """
     if isinstance(text, DataSpec):
         return text
+    if isinstance(text, os.PathLike):
+        text = os.fspath(text)
     if not isinstance(text, str) or not text.strip():
         raise DataError("empty data spec; give 'digits[:shifts]', a folder, or a .npz/.pt file")
     text = text.strip()
@@ -173,7 +176,9 @@ def _parse_items(source: str, kind: str, options: str, text: str) -> DataSpec:
         elif name in ("n", "seed"):
             found[name] = _int(name, value, text, low=1 if name == "n" else 0)
         elif name == "split":
-            found[name] = _split(value, text)
+            split = _split(value, text)
+            # the default written out is the default: one domain, one canonical spec
+            found[name] = None if all(abs(a - b) < 1e-9 for a, b in zip(split, DEFAULT_SPLIT)) else split
         else:  # norm
             if value.lower() not in ("none", "data_config"):
                 raise DataError(f"norm={value} in {text!r}: norm takes none or data_config")
