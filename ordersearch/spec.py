@@ -115,9 +115,16 @@ def save_order(path: str | Path, bank: Bank, order: Order | str | list[int], **m
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, allow_nan=False) + "\n")
+    tmp.write_text(_dumps(doc) + "\n")
     tmp.replace(path)
     return path
+
+
+def _dumps(doc: dict[str, Any]) -> str:
+    """Indented JSON with the order kept on one line (``"order": [0, 1, 1, 3]``)."""
+    marker = "@@ORDER@@"
+    text = json.dumps({**doc, "order": marker}, indent=2, allow_nan=False)
+    return text.replace(f'"{marker}"', json.dumps(doc["order"]))
 
 
 def _spec_dict(bank_info: dict[str, Any], order: Order, created: str, metadata: dict[str, Any]) -> dict[str, Any]:
