@@ -11,6 +11,7 @@ import logging
 from .adapters import bank_from_model, list_adapters, load_bank, register_adapter
 from .bank import Bank
 from .build import OrderedModel, build_model
+from .evalset import EvalSet
 from .errors import BankError, DataError, OrderError, OrderSearchError, SpecError
 from .isoresnet import IsoResNet, IsoResNetConfig
 from .order import SKIP, Order
@@ -19,12 +20,15 @@ from .spec import OrderSpec, load_order, save_order
 
 __version__ = "0.1.0"
 
+from . import data  # noqa: E402  (ordersearch.data after a plain `import ordersearch`)
+
 logging.getLogger("ordersearch").addHandler(logging.NullHandler())
 
 __all__ = [
     "Bank",
     "BankError",
     "DataError",
+    "EvalSet",
     "IsoResNet",
     "IsoResNetConfig",
     "Order",
