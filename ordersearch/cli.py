@@ -11,7 +11,6 @@ import logging
 import sys
 from collections.abc import Sequence
 from dataclasses import fields, replace
-from pathlib import Path
 from typing import Any
 
 from .errors import OrderSearchError
@@ -52,7 +51,21 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--bank", help="also check the spec against this bank")
     show.add_argument("--json", action="store_true", help="print the spec as JSON")
 
+    train = sub.add_parser("train", help="train a bank the paper's way: shared blocks, per-task soft orders")
+    train.add_argument("--config", help="JSON or YAML file of training settings")
+    train.add_argument("--task", action="append", default=[], metavar="[NAME=]DATA",
+                       help="a task's data spec (repeat for several tasks), e.g. rot=digits:rotate=30")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a setting, e.g. --set epochs=5 --set temperature.end=0.01")
+    train.add_argument("--out", default="runs/train", help="run folder (default: runs/train)")
+    train.add_argument("--restart", action="store_true", help="ignore a checkpoint in --out")
+    train.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
     sub.add_parser("adapters", help="list the model families ordersearch can turn into banks")
+
+    from .cli_search import add_commands
+
+    add_commands(sub)
     return p
 
 
@@ -63,7 +76,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
-        return {"demo": _demo, "info": _info, "show": _show, "adapters": _adapters}[args.command](args)
+        handlers = {"demo": _demo, "info": _info, "show": _show, "adapters": _adapters, "train": _train}
+        handler = getattr(args, "handler", None) or handlers[args.command]
+        return handler(args)
     except OrderSearchError as exc:
         print(f"ordersearch: error: {exc}", file=sys.stderr)
         return 2
@@ -125,6 +140,35 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"wrote {result.files['spec']}, {result.files['report']}, {result.files['orders']} "
           f"in {result.seconds:.0f} s")
     return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import load_train_config, train_bank
+
+    overrides = list(args.set)
+    if args.task:
+        overrides.append("tasks=" + json.dumps(args.task))
+    config = load_train_config(args.config, overrides)
+    if not config.tasks:
+        raise OrderSearchError("no tasks: pass --task DATA (one or more) or a --config file with tasks")
+    update, close = _progress_bar(not args.no_progress)
+    try:
+        result = train_bank(config, out=args.out, progress=update, resume=not args.restart)
+    finally:
+        close()
+    rows = []
+    for name, order in result.orders.items():
+        m = result.metrics.get(name, {})
+        rows.append([name, str(order), _fmt(m.get("soft_test_accuracy")), _fmt(m.get("final_test_accuracy")),
+                     _fmt(m.get("top_weight"))])
+    print()
+    print(_table(["task", "hardened order", "soft test acc", "final test acc", "top weight"], rows))
+    print(f"\nwrote {result.out}/bank.safetensors, orders/, report.md in {result.seconds:.0f} s")
+    return 0
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def _info(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ The CLI turns :class:`OrderSearchError` into exit code 2 and prints only its mes
 
 from __future__ import annotations
 
-__all__ = ["OrderSearchError", "OrderError", "BankError", "SpecError", "DataError"]
+__all__ = ["OrderSearchError", "OrderError", "BankError", "SpecError", "DataError", "SearchError"]
 
 
 class OrderSearchError(ValueError):
@@ -26,3 +26,7 @@ class SpecError(OrderSearchError):
 
 class DataError(OrderSearchError):
     """A data spec cannot be parsed or its data cannot be loaded."""
+
+
+class SearchError(OrderSearchError):
+    """A search cannot run as asked (unknown searcher, space too large, study mismatch)."""

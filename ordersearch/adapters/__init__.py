@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from . import compositional as _compositional  # noqa: F401  (registers the adapter and source scheme)
 from . import isoresnet as _isoresnet  # noqa: F401  (registers the adapter)
 from . import timm_models as _timm_models  # noqa: F401  (registers the adapters)
 from ._load import build_source_model, load_bank, read_bank_header, register_source

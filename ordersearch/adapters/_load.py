@@ -5,8 +5,8 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
