@@ -11,16 +11,19 @@ import logging
 from .adapters import bank_from_model, list_adapters, load_bank, register_adapter
 from .bank import Bank
 from .build import OrderedModel, build_model
+from .engine import Engine, EngineStats, Objective, Score, get_objective, list_objectives
+from .errors import BankError, DataError, OrderError, OrderSearchError, SearchError, SpecError
 from .evalset import EvalSet
-from .errors import BankError, DataError, OrderError, OrderSearchError, SpecError
 from .isoresnet import IsoResNet, IsoResNetConfig
 from .order import SKIP, Order
+from .search import SearchResult, get_searcher, list_searchers, register_searcher, search
 from .space import OrderSpace
 from .spec import OrderSpec, load_order, save_order
+from .train import TrainConfig, train_bank
 
 __version__ = "0.1.0"
 
-from . import data  # noqa: E402  (ordersearch.data after a plain `import ordersearch`)
+from . import data  # noqa: E402, F401  (ordersearch.data after a plain `import ordersearch`)
 
 logging.getLogger("ordersearch").addHandler(logging.NullHandler())
 
@@ -28,8 +31,11 @@ __all__ = [
     "Bank",
     "BankError",
     "DataError",
+    "Engine",
+    "EngineStats",
     "EvalSet",
     "IsoResNet",
+    "Objective",
     "IsoResNetConfig",
     "Order",
     "OrderError",
@@ -38,12 +44,23 @@ __all__ = [
     "OrderSpec",
     "OrderedModel",
     "SKIP",
+    "Score",
+    "SearchError",
+    "SearchResult",
     "SpecError",
+    "TrainConfig",
     "bank_from_model",
     "build_model",
+    "get_objective",
+    "get_searcher",
     "list_adapters",
+    "list_objectives",
+    "list_searchers",
     "load_bank",
     "load_order",
     "register_adapter",
+    "register_searcher",
     "save_order",
+    "search",
+    "train_bank",
 ]

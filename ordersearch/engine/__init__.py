@@ -1,0 +1,40 @@
+"""The evaluation engine: prefix-trie activation cache and objectives.
+
+Scores batches of candidate block orders (Zhmoginov, Bashkirova and Sandler, arXiv
+2107.10963) paying once per distinct order prefix: see :class:`Engine`.
+"""
+
+from __future__ import annotations
+
+from ._cache import GDSF, LRU, CachePolicy
+from ._engine import Engine
+from ._trie import count_distinct_prefixes
+from ._types import EngineStats, Score
+from .objectives import (
+    Entropy,
+    Head,
+    Infomax,
+    Objective,
+    Probe,
+    get_objective,
+    list_objectives,
+    register_objective,
+)
+
+__all__ = [
+    "CachePolicy",
+    "Engine",
+    "EngineStats",
+    "Entropy",
+    "GDSF",
+    "Head",
+    "Infomax",
+    "LRU",
+    "Objective",
+    "Probe",
+    "Score",
+    "count_distinct_prefixes",
+    "get_objective",
+    "list_objectives",
+    "register_objective",
+]

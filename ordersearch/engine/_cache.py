@@ -1,0 +1,347 @@
+"""A radix-style cache of prefix activations under a byte budget.
+
+Keys are tuples ``(level, b1, ..., bd)``: the fidelity level (which EvalSet) and the block ids
+of an order prefix. An entry's parent is found by slicing its key, never by a reference, so
+entries cannot form reference cycles and a dropped entry frees its tensor at once (a
+prototype whose nodes pointed at their parents kept gigabytes of dead activations alive until
+the cycle collector ran).
+
+Every cached activation is self-contained (it is the prefix's full output, not a delta), so
+any entry may be evicted without invalidating others. Policies decide which one goes:
+
+- :class:`GDSF` (default) evicts leaves first (entries without cached children, as radix
+  caches of LLM servers do) by the GreedyDual-Size-Frequency priority
+  ``clock + hits * cost / size``, where ``cost`` is the number of block forwards needed to
+  rebuild the entry from its nearest cached ancestor;
+- :class:`LRU` evicts the least recently used unpinned entry, interior or not: the baseline.
+
+Pinned entries (a walk depends on them) are never evicted; retained ones (a searcher's
+``retain=`` hints) go only after every other evictable entry.
+"""
+
+from __future__ import annotations
+
+import heapq
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+
+import torch
+
+__all__ = ["BufferPool", "CachePolicy", "GDSF", "Handle", "LRU", "PrefixCache", "make_policy"]
+
+Key = tuple[int, ...]
+
+
+class BufferPool:
+    """Free activation buffers by shape, reused so that steady-state search does not make the
+    allocator grow (each admission after the cache fills frees a buffer of the same shape).
+
+    Args:
+        max_free: Free buffers kept per (shape, dtype, device); more are released.
+        pin_memory: Allocate host buffers in pinned memory (for fast copies to CUDA).
+    """
+
+    def __init__(self, *, max_free: int = 4, pin_memory: bool = False) -> None:
+        self.max_free = max_free
+        self.pin_memory = pin_memory
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self.free_bytes = 0
+        self.allocated = 0
+        self.reused = 0
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        free = self._free.get((shape, dtype, device))
+        if free:
+            self.reused += 1
+            t = free.pop()
+            self.free_bytes -= t.nbytes
+            return t
+        self.allocated += 1
+        pin = self.pin_memory and device.type == "cpu"
+        return torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
+
+    def give(self, t: torch.Tensor) -> None:
+        free = self._free.setdefault((tuple(t.shape), t.dtype, t.device), [])
+        if len(free) < self.max_free:
+            free.append(t)
+            self.free_bytes += t.nbytes
+
+    def clear(self) -> None:
+        self._free.clear()
+        self.free_bytes = 0
+
+
+class Handle:
+    """An activation tensor shared by the cache and the walk's path, reference counted so
+    that its buffer returns to the pool exactly when neither holds it."""
+
+    __slots__ = ("tensor", "refs", "_pool")
+
+    def __init__(self, tensor: torch.Tensor, pool: BufferPool | None) -> None:
+        self.tensor: torch.Tensor | None = tensor
+        self.refs = 0
+        self._pool = pool
+
+    @property
+    def nbytes(self) -> int:
+        return 0 if self.tensor is None else self.tensor.nbytes
+
+    def acquire(self) -> Handle:
+        self.refs += 1
+        return self
+
+    def release(self) -> None:
+        self.refs -= 1
+        if self.refs == 0 and self.tensor is not None:
+            if self._pool is not None:
+                self._pool.give(self.tensor)
+            self.tensor = None
+
+
+class _Entry:
+    __slots__ = ("key", "handle", "nbytes", "hits", "cost", "priority", "pins", "protected", "version", "queued")
+
+    def __init__(self, key: Key, handle: Handle, nbytes: int) -> None:
+        self.key = key
+        self.handle = handle
+        self.nbytes = nbytes
+        self.hits = 1
+        self.cost = 1
+        self.priority = 0.0
+        self.pins = 0
+        self.protected = False
+        self.version = -1
+        self.queued = False
+
+
+class CachePolicy(ABC):
+    """How an entry's eviction priority is set; the lowest priority goes first.
+
+    Attributes:
+        leaves_only: Evict only entries without cached children.
+    """
+
+    name: str = ""
+    leaves_only: bool = False
+
+    @abstractmethod
+    def priority(self, entry: _Entry, cache: PrefixCache) -> float:
+        """Priority of ``entry`` now (called on admission and on every hit)."""
+
+    def on_evict(self, entry: _Entry) -> None:  # noqa: B027 (optional hook)
+        """Called when ``entry`` leaves the cache."""
+
+    def reset(self) -> None:  # noqa: B027 (optional hook)
+        """Forget any state (the cache was cleared)."""
+
+
+class LRU(CachePolicy):
+    """Least recently used, over all unpinned entries (interior ones too): the baseline."""
+
+    name = "lru"
+    leaves_only = False
+
+    def priority(self, entry: _Entry, cache: PrefixCache) -> float:
+        return float(cache.tick)
+
+
+class GDSF(CachePolicy):
+    """GreedyDual-Size-Frequency over leaves: ``clock + hits * cost / MiB``.
+
+    ``cost`` is the number of block forwards that rebuild the entry from its nearest cached
+    ancestor (the stem output counts as cached), measured on admission and on each hit;
+    ``clock`` rises to the priority of each evicted entry, so entries that stop being used age
+    out however often they were used before.
+    """
+
+    name = "gdsf"
+    leaves_only = True
+
+    def __init__(self) -> None:
+        self.clock = 0.0
+
+    def priority(self, entry: _Entry, cache: PrefixCache) -> float:
+        entry.cost = cache.recompute_cost(entry.key)
+        return self.clock + entry.hits * entry.cost / max(entry.nbytes / 2**20, 1e-6)
+
+    def on_evict(self, entry: _Entry) -> None:
+        self.clock = max(self.clock, entry.priority)
+
+    def reset(self) -> None:
+        self.clock = 0.0
+
+
+_POLICIES: dict[str, type[CachePolicy]] = {"gdsf": GDSF, "lru": LRU}
+
+
+def make_policy(policy: str | CachePolicy) -> CachePolicy:
+    """A policy object from its name (``"gdsf"``, ``"lru"``) or the object itself."""
+    if isinstance(policy, CachePolicy):
+        return policy
+    try:
+        return _POLICIES[policy]()
+    except KeyError:
+        raise ValueError(f"unknown cache policy {policy!r}; known: {', '.join(_POLICIES)}") from None
+
+
+class PrefixCache:
+    """Prefix activations under ``capacity`` bytes (counted from the tensors' own sizes).
+
+    Args:
+        capacity: Byte budget of cached tensors; never exceeded.
+        policy: Eviction policy.
+    """
+
+    def __init__(self, capacity: int, policy: str | CachePolicy = "gdsf") -> None:
+        if capacity < 0:
+            raise ValueError(f"cache_bytes must be >= 0, got {capacity}")
+        self.capacity = int(capacity)
+        self.policy = make_policy(policy)
+        self._entries: dict[Key, _Entry] = {}
+        self._n_children: dict[Key, int] = {}  # cached direct children per key (cached or not)
+        self._heap: list[tuple[int, float, int, Key]] = []
+        self._seq = 0
+        self._protected: set[Key] = set()
+        self.tick = 0
+        self.bytes = 0
+        self.peak_bytes = 0
+        self.evictions = 0
+        self.rejections = 0
+
+    # --- lookup -------------------------------------------------------------------------
+    def __contains__(self, key: Key) -> bool:
+        return key in self._entries
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(self) -> list[Key]:
+        return list(self._entries)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """The cached tensors (to measure the budget from outside)."""
+        return [e.handle.tensor for e in self._entries.values() if e.handle.tensor is not None]
+
+    def hit(self, key: Key) -> Handle:
+        """The handle of a cached ``key``, counting a use."""
+        entry = self._entries[key]
+        self.tick += 1
+        entry.hits += 1
+        self._push(entry, self.policy.priority(entry, self))
+        return entry.handle
+
+    def recompute_cost(self, key: Key) -> int:
+        """Block forwards that rebuild ``key`` from its nearest cached ancestor or the stem."""
+        for j in range(len(key) - 1, 1, -1):
+            if key[:j] in self._entries:
+                return len(key) - j
+        return len(key) - 1
+
+    # --- pins and hints -----------------------------------------------------------------
+    def pin(self, key: Key) -> None:
+        self._entries[key].pins += 1
+
+    def unpin(self, key: Key) -> None:
+        entry = self._entries.get(key)
+        if entry is None:
+            return
+        entry.pins -= 1
+        if entry.pins == 0 and not entry.queued:
+            self._push(entry, entry.priority)
+
+    def protect(self, keys: Iterable[Key]) -> None:
+        """Replace the retained set: these keys are evicted only after all others."""
+        new = set(keys)
+        changed = (self._protected ^ new) & self._entries.keys()
+        self._protected = new
+        for key in changed:
+            entry = self._entries[key]
+            entry.protected = key in new
+            self._push(entry, entry.priority)
+
+    # --- admission and eviction ---------------------------------------------------------
+    def admit(self, key: Key, handle: Handle) -> bool:
+        """Cache ``handle`` under ``key``, evicting as needed; False if it cannot fit without
+        evicting a pinned entry (the budget is a hard limit)."""
+        if key in self._entries:
+            return True
+        nbytes = handle.nbytes
+        if nbytes > self.capacity or not self._make_room(nbytes):
+            self.rejections += 1
+            return False
+        entry = _Entry(key, handle.acquire(), nbytes)
+        entry.protected = key in self._protected
+        self.tick += 1
+        self._entries[key] = entry
+        parent = key[:-1]
+        self._n_children[parent] = self._n_children.get(parent, 0) + 1
+        self.bytes += nbytes
+        self.peak_bytes = max(self.peak_bytes, self.bytes)
+        self._push(entry, self.policy.priority(entry, self))
+        return True
+
+    def _evictable(self, entry: _Entry) -> bool:
+        if entry.pins:
+            return False
+        return not (self.policy.leaves_only and self._n_children.get(entry.key, 0))
+
+    def _push(self, entry: _Entry, priority: float) -> None:
+        entry.priority = priority
+        self._seq += 1
+        entry.version = self._seq
+        entry.queued = True
+        heapq.heappush(self._heap, (int(entry.protected), priority, self._seq, entry.key))
+        if len(self._heap) > 4 * len(self._entries) + 64:
+            self._compact()
+
+    def _compact(self) -> None:
+        self._heap = [
+            (int(e.protected), e.priority, e.version, e.key) for e in self._entries.values() if e.queued
+        ]
+        heapq.heapify(self._heap)
+
+    def _make_room(self, nbytes: int) -> bool:
+        while self.bytes + nbytes > self.capacity:
+            if not self._evict_one():
+                return False
+        return True
+
+    def _evict_one(self) -> bool:
+        while self._heap:
+            _, _, seq, key = heapq.heappop(self._heap)
+            entry = self._entries.get(key)
+            if entry is None or entry.version != seq:
+                continue  # stale heap item
+            if not self._evictable(entry):
+                entry.queued = False  # re-queued when it is unpinned or loses its children
+                continue
+            self._remove(entry)
+            self.policy.on_evict(entry)
+            self.evictions += 1
+            return True
+        return False
+
+    def _remove(self, entry: _Entry) -> None:
+        key = entry.key
+        del self._entries[key]
+        self.bytes -= entry.nbytes
+        entry.handle.release()
+        parent = key[:-1]
+        left = self._n_children[parent] - 1
+        if left:
+            self._n_children[parent] = left
+        else:
+            del self._n_children[parent]
+            p = self._entries.get(parent)
+            if p is not None and not p.queued and self._evictable(p):
+                self._push(p, p.priority)
+
+    def clear(self) -> None:
+        """Drop every entry (pinned ones too: only call between walks)."""
+        for entry in list(self._entries.values()):
+            entry.handle.release()
+        self._entries.clear()
+        self._n_children.clear()
+        self._heap.clear()
+        self.bytes = 0
+        self.policy.reset()

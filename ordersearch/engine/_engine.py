@@ -1,0 +1,451 @@
+"""The evaluation engine: scores batches of candidate orders, paying once per distinct prefix.
+
+Candidate orders share prefixes, so a search should pay for each distinct prefix once, not
+for candidates x depth block forwards. The engine walks each batch's prefix trie depth-first
+(:mod:`._trie`), keeps prefix activations across batches in a byte-budgeted radix cache
+(:mod:`._cache`), and scores each candidate's pooled features or head logits with an
+:class:`~ordersearch.engine.Objective`. It is the one place where frozen blocks run during
+search: under ``torch.inference_mode()`` and, for bf16, autocast.
+
+The method searched is the per-task computation order of Zhmoginov, Bashkirova and Sandler,
+"Compositional Models: Multi-Task Learning and Knowledge Transfer with Modular Networks"
+(arXiv 2107.10963); ``norm="target"`` re-estimates BatchNorm statistics on the target data
+(AdaBN) per order prefix.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+import torch
+
+from ..bank import Bank
+from ..errors import BankError, DataError
+from ..evalset import EvalSet
+from ..order import Order
+from ._cache import BufferPool, CachePolicy, Handle, Key, PrefixCache
+from ._norm import BNStats, batchnorm_modules, run_with_target_stats
+from ._trie import prefixes, walk
+from ._types import EngineStats, Score
+from .objectives import Objective, get_objective
+
+__all__ = ["Engine"]
+
+log = logging.getLogger("ordersearch")
+
+_MEMO_SIZE = 1 << 16
+_STATS_SIZE = 1 << 17
+
+
+class _Level:
+    """One EvalSet the engine scores on: the full set or a nested subset (a fidelity)."""
+
+    def __init__(self, index: int, evalset: EvalSet, state: Any, batch_size: int) -> None:
+        self.index = index
+        self.evalset = evalset
+        self.n = len(evalset)
+        self.state = state
+        self.slices = [slice(s, min(s + batch_size, self.n)) for s in range(0, self.n, batch_size)]
+        self.root: Handle | None = None
+        self.seen: set[tuple[int, ...]] = set()
+        self.memo: OrderedDict[tuple[int, ...], Score] = OrderedDict()
+        self.poison: dict[Key, str] = {}
+        self.bn_stats: OrderedDict[Key | tuple[str, Key], BNStats] = OrderedDict()
+
+
+class Engine:
+    """Scores candidate orders of a bank on an EvalSet, caching prefix activations.
+
+    Args:
+        bank: The frozen bank (moved to ``device``).
+        evalset: Images (and labels, for labelled objectives) to score on.
+        objective: An :class:`Objective` or its name (``probe``, ``head``, ``infomax``,
+            ``entropy``).
+        cache_bytes: Byte budget of cached prefix activations (a hard limit). 0 keeps only
+            the walk's path: each batch still pays once per distinct prefix.
+        device: Where blocks run (default: CUDA when available, else CPU). Cached
+            activations live there too.
+        batch_size: Images per block forward (default 64 on CPU, 512 on CUDA); results do
+            not depend on it except through float rounding.
+        dtype: Compute and storage precision: float32 (CPU default) or bfloat16 (CUDA
+            default; on CPU a faster screening option that reorders candidates, so re-score
+            finalists in float32).
+        norm: ``"source"`` uses the bank's BatchNorm statistics; ``"target"`` re-estimates
+            them on the whole EvalSet at every position of every order (AdaBN), cached per
+            prefix.
+        policy: Cache eviction policy: ``"gdsf"`` (cost-aware, leaves first) or ``"lru"``.
+        memo: Remember each order's score, so a repeated candidate costs nothing.
+        check_finite: Fail candidates whose activations stop being finite.
+
+    Example:
+        >>> import ordersearch, torch
+        >>> from ordersearch.evalset import EvalSet
+        >>> bank = ordersearch.load_bank("isoresnet:width=8,blocks=4,classes=10")
+        >>> data = EvalSet(torch.randn(40, 1, 16, 16), torch.arange(40) % 4)
+        >>> engine = Engine(bank, data, "probe", cache_bytes=2**24)
+        >>> scores = engine.evaluate(["0-1-2-3", "0-1-3", "0-1-3-3"])
+        >>> [s.ok for s in scores], engine.stats.block_evals, engine.stats.naive_block_evals
+        ([True, True, True], 6, 11)
+    """
+
+    def __init__(
+        self,
+        bank: Bank,
+        evalset: EvalSet,
+        objective: str | Objective = "probe",
+        *,
+        cache_bytes: int = 512 * 2**20,
+        device: str | torch.device | None = None,
+        batch_size: int | None = None,
+        dtype: torch.dtype | None = None,
+        norm: Literal["source", "target"] = "source",
+        policy: str | CachePolicy = "gdsf",
+        memo: bool = True,
+        check_finite: bool = True,
+    ) -> None:
+        self.objective = get_objective(objective)
+        if self.objective.needs_labels and not evalset.has_labels:
+            raise DataError(f"objective {self.objective.name!r} needs labels; this EvalSet has none")
+        if self.objective.output == "logits" and bank.head is None:
+            raise BankError(f"objective {self.objective.name!r} needs the bank's head; this bank has none")
+        if norm not in ("source", "target"):
+            raise ValueError(f"norm must be 'source' or 'target', got {norm!r}")
+        self.device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.dtype = dtype if dtype is not None else (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype}")
+        self.batch_size = int(batch_size or (512 if self.device.type == "cuda" else 64))
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.norm = norm
+        self.bank = bank.to(self.device).freeze()
+        self.evalset = evalset
+        self.memo = memo
+        self.check_finite = check_finite
+        self.pool = BufferPool(pin_memory=False)
+        self.cache = PrefixCache(cache_bytes, policy)
+        self.stats = EngineStats()
+        self._levels: dict[int, _Level] = {}
+        self._tail = self.bank.features if self.objective.output == "features" else self.bank.head
+        self._bns: dict[Any, list] = {}
+        if norm == "target":
+            self._bns = {i: batchnorm_modules(b) for i, b in enumerate(self.bank.blocks)}
+            self._bns["stem"] = batchnorm_modules(self.bank.stem)
+            self._bns["tail"] = batchnorm_modules(self._tail)
+        self._retain: list[tuple[int, ...]] = []
+        self._root_bytes = 0
+        self._protect_dirty = False
+
+    # --- public API ---------------------------------------------------------------------
+    @property
+    def n_images(self) -> int:
+        """Images in the full EvalSet."""
+        return len(self.evalset)
+
+    def evaluate(
+        self,
+        orders: Iterable[Order | str | Sequence[int]],
+        *,
+        retain: Iterable[Order | str | Sequence[int]] | None = None,
+        n_images: int | None = None,
+    ) -> list[Score]:
+        """Score ``orders``; the result lists one :class:`Score` per input, in input order.
+
+        Args:
+            orders: Candidate orders (repeats are scored once).
+            retain: Prefixes the caller will extend later (a searcher's population or
+                incumbent). They and their prefixes are evicted only after everything
+                else. Replaces the previous hints; None keeps them.
+            n_images: Score on the first ``n_images`` of a seeded permutation of the
+                EvalSet (nested for growing sizes: :meth:`EvalSet.subset`) instead of all
+                of it: a low-fidelity score for screening or pruning.
+        """
+        t0 = time.perf_counter()
+        level = self._level(n_images)
+        parsed = [Order.parse(o).validate(self.bank.n_blocks, min_len=0) for o in orders]
+        if retain is not None:
+            self.retain(retain)
+        if self._protect_dirty:
+            levels = [lv.index for lv in self._levels.values()]
+            self.cache.protect((i, *p) for i in levels for r in self._retain for p in prefixes(r))
+            self._protect_dirty = False
+        st = self.stats
+        st.candidates += len(parsed)
+        todo: set[tuple[int, ...]] = set()
+        for o in parsed:
+            ids = o.ids
+            st.naive_block_evals += len(ids)
+            self._see(level, ids)
+            if self.memo and ids in level.memo:
+                level.memo.move_to_end(ids)
+                st.memo_hits += 1
+            else:
+                todo.add(ids)
+        results: dict[tuple[int, ...], Score] = {}
+        if todo:
+            with torch.inference_mode(), self._autocast():
+                root = self._root(level)
+                keys = sorted((level.index, *ids) for ids in todo)
+
+                by_ids = {o.ids: o for o in parsed}
+
+                def finish(key: Key, handle: Handle | None, failed: str | None) -> None:
+                    order = by_ids[key[1:]]
+                    if handle is None:
+                        results[order.ids] = self._failed(order, level, failed or "failed")
+                    else:
+                        results[order.ids] = self._score(level, order, key, handle)
+
+                st.cache_hits += walk(
+                    keys,
+                    self.cache,
+                    root,
+                    lambda key, parent: self._compute(level, key, parent),
+                    finish,
+                    level.poison,
+                    self._note_path,
+                )
+            if self.memo:
+                level.memo.update(results)
+                while len(level.memo) > _MEMO_SIZE:
+                    level.memo.popitem(last=False)
+        out = [results.get(o.ids) or level.memo[o.ids] for o in parsed]
+        st.failed += sum(not s.ok for s in out)
+        st.evictions = self.cache.evictions
+        st.cache_bytes = self.cache.bytes
+        st.cache_bytes_peak = self.cache.peak_bytes
+        st.total_seconds += time.perf_counter() - t0
+        return out
+
+    def evaluate_staged(
+        self,
+        orders: Iterable[Order | str | Sequence[int]],
+        *,
+        rungs: Sequence[int],
+        keep: float = 0.25,
+        retain: Iterable[Order | str | Sequence[int]] | None = None,
+    ) -> list[Score]:
+        """Successive halving: score all orders on ``rungs[0]`` images, keep the best
+        ``keep`` share for the next rung, ..., and score the survivors on the whole EvalSet.
+
+        Pruned candidates keep their last low-fidelity :class:`Score` (``n_images`` below the
+        EvalSet size); every score lists its lower-fidelity values in ``intermediate``.
+        """
+        if not 0.0 < keep <= 1.0:
+            raise ValueError(f"keep must be in (0, 1], got {keep}")
+        sizes = sorted({int(n) for n in rungs if int(n) < self.n_images})
+        parsed = [Order.parse(o).validate(self.bank.n_blocks, min_len=0) for o in orders]
+        alive = list(dict.fromkeys(o.ids for o in parsed))
+        final: dict[tuple[int, ...], Score] = {}
+        history: dict[tuple[int, ...], dict[int, float]] = {ids: {} for ids in alive}
+        for n in [*sizes, None]:
+            scores = self.evaluate([Order(ids) for ids in alive], n_images=n, retain=retain if n is None else None)
+            for ids, s in zip(alive, scores):
+                final[ids] = Score(s.order, s.value, s.metrics, s.failed, s.n_images, dict(history[ids]))
+                history[ids][s.n_images] = s.value
+            if n is None:
+                break
+            ranked = sorted(alive, key=lambda i: -final[i].value if final[i].ok else math.inf)
+            alive = ranked[: max(1, math.ceil(keep * len(ranked)))]
+        return [final[o.ids] for o in parsed]
+
+    def outputs(self, order: Order | str | Sequence[int], *, n_images: int | None = None) -> torch.Tensor:
+        """The (N, D) pooled features or (N, C) head logits (what the objective reads) of one
+        order, float32 on the CPU, computed through the cache like any candidate."""
+        level = self._level(n_images)
+        key = (level.index, *Order.parse(order).validate(self.bank.n_blocks, min_len=0).ids)
+        self._see(level, key[1:])
+        found: list[torch.Tensor] = []
+        failure: list[str] = []
+
+        def finish(k: Key, handle: Handle | None, failed: str | None) -> None:
+            if handle is None:
+                failure.append(failed or "failed")
+            else:
+                found.append(self._outputs(level, k, handle))
+
+        with torch.inference_mode(), self._autocast():
+            root = self._root(level)
+            walk([key], self.cache, root, lambda k, p: self._compute(level, k, p), finish, level.poison)
+        if failure:
+            raise ValueError(f"order {Order(key[1:])}: {failure[0]}")
+        return found[0]
+
+    def retain(self, prefixes_: Iterable[Order | str | Sequence[int]]) -> None:
+        """Set the retain hints without evaluating (see :meth:`evaluate`)."""
+        self._retain = [Order.parse(o).validate(self.bank.n_blocks, min_len=0).ids for o in prefixes_]
+        self._protect_dirty = True  # applied by the next evaluate
+
+    def reset_stats(self) -> None:
+        """Zero the counters and timers (the cache and the seen prefixes are kept, so
+        ``min_block_evals`` counts only prefixes new since the reset)."""
+        self.stats = EngineStats()
+        for level in self._levels.values():
+            level.seen.clear()
+        self.cache.peak_bytes = self.cache.bytes
+        self.cache.evictions = 0
+
+    def clear(self) -> None:
+        """Free cached activations, stem outputs, memos and statistics."""
+        self.cache.clear()
+        for level in self._levels.values():
+            if level.root is not None:
+                level.root.release()
+        self._levels.clear()
+        self._root_bytes = 0
+        self.pool.clear()
+
+    def cache_tensors(self) -> list[torch.Tensor]:
+        """The tensors held by the cache now (their ``nbytes`` sum to at most the budget)."""
+        return self.cache.tensors()
+
+    # --- internals ----------------------------------------------------------------------
+    def _autocast(self) -> Any:
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def _level(self, n_images: int | None) -> _Level:
+        n = self.n_images if n_images is None else int(n_images)
+        level = self._levels.get(n)
+        if level is None:
+            es = self.evalset if n == self.n_images else self.evalset.subset(n)
+            level = _Level(len(self._levels), es, self.objective.prepare(es), self.batch_size)
+            self._levels[n] = level
+            self._protect_dirty = bool(self._retain)
+        return level
+
+    def _see(self, level: _Level, ids: tuple[int, ...]) -> None:
+        if ids in level.seen:
+            return
+        for p in prefixes(ids):
+            if p not in level.seen:
+                level.seen.add(p)
+                self.stats.min_block_evals += 1
+
+    def _note_path(self, nbytes: int) -> None:
+        live = self.cache.bytes + nbytes + self.pool.free_bytes + self._root_bytes
+        if live > self.stats.live_bytes_peak:
+            self.stats.live_bytes_peak = live
+
+    def _forward(
+        self,
+        fn: torch.nn.Module,
+        inputs: list[torch.Tensor],
+        level: _Level,
+        bns_key: Any,
+        stats_key: Any,
+        write: Any,
+    ) -> None:
+        """``fn`` over every chunk, with target statistics when ``norm="target"``."""
+        if self.norm != "target":
+            for i, c in enumerate(inputs):
+                write(i, fn(c))
+            return
+        known = level.bn_stats.get(stats_key)
+        stats, passes = run_with_target_stats(fn, inputs, self._bns[bns_key], write, known)
+        self.stats.stat_passes += passes - 1
+        if known is None:
+            level.bn_stats[stats_key] = stats
+            if len(level.bn_stats) > _STATS_SIZE:
+                level.bn_stats.popitem(last=False)
+        else:
+            level.bn_stats.move_to_end(stats_key)
+
+    def _root(self, level: _Level) -> Handle:
+        """The stem output of ``level``'s images, computed once."""
+        if level.root is not None:
+            return level.root
+        t0 = time.perf_counter()
+        x = level.evalset.x
+        if self.device.type == "cuda":
+            x = x.pin_memory()
+        inputs = [x[s].to(self.device, non_blocking=True) for s in level.slices]
+        parts: list[torch.Tensor | None] = [None] * len(inputs)
+
+        def write(i: int, y: torch.Tensor) -> None:
+            parts[i] = y.to(self.dtype)
+
+        self._forward(self.bank.stem, inputs, level, "stem", ("stem", (level.index,)), write)
+        h = torch.cat(parts)  # type: ignore[arg-type]
+        level.root = Handle(h, None).acquire()
+        self._root_bytes += h.nbytes
+        self.stats.stem_evals += 1
+        self.stats.stem_seconds += time.perf_counter() - t0
+        return level.root
+
+    def _compute(self, level: _Level, key: Key, parent: Handle) -> Handle | str:
+        """The activation of prefix ``key`` from its parent's, or why it is not finite."""
+        t0 = time.perf_counter()
+        src = parent.tensor
+        assert src is not None
+        out = self.pool.take(tuple(src.shape), self.dtype, self.device)
+        checks: list[torch.Tensor] = []
+
+        def write(i: int, y: torch.Tensor) -> None:
+            part = out[level.slices[i]]
+            part.copy_(y)
+            if self.check_finite:
+                checks.append(part.sum(dtype=torch.float32))
+
+        inputs = [src[s] for s in level.slices]
+        # block_at: banks with per-position statistics run the block bound to this position
+        self._forward(self.bank.block_at(key[-1], len(key) - 2), inputs, level, key[-1], key, write)
+        failed = None
+        # A sum overflows only for values near 1e33; confirm with the exact test before failing.
+        if checks and not bool(torch.isfinite(torch.stack(checks)).all()) and not bool(torch.isfinite(out).all()):
+            failed = f"non-finite activation after block {key[-1]} at position {len(key) - 2}"
+            self.pool.give(out)
+        st = self.stats
+        st.block_evals += 1
+        st.image_block_evals += level.n
+        st.block_seconds += time.perf_counter() - t0
+        if failed:
+            log.debug("order prefix %s failed: %s", Order(key[1:]), failed)
+            return failed
+        return Handle(out, self.pool)
+
+    def _outputs(self, level: _Level, key: Key, handle: Handle) -> torch.Tensor:
+        """Pooled features or head logits (N, D) of prefix ``key``, float32 on the CPU."""
+        t0 = time.perf_counter()
+        src = handle.tensor
+        assert src is not None
+        parts: list[torch.Tensor | None] = [None] * len(level.slices)
+
+        def write(i: int, y: torch.Tensor) -> None:
+            parts[i] = y.float()
+
+        self._forward(self._tail, [src[s] for s in level.slices], level, "tail", ("tail", key), write)
+        outputs = torch.cat(parts).to("cpu")  # type: ignore[arg-type]
+        self.stats.output_seconds += time.perf_counter() - t0
+        return outputs
+
+    def _score(self, level: _Level, order: Order, key: Key, handle: Handle) -> Score:
+        outputs = self._outputs(level, key, handle)
+        t1 = time.perf_counter()
+        if not bool(torch.isfinite(outputs).all()):
+            return self._failed(order, level, f"non-finite {self.objective.output}")
+        try:
+            value, metrics = self.objective.score(outputs, level.evalset, level.state)
+        except (RuntimeError, torch.linalg.LinAlgError) as exc:
+            value, metrics = math.nan, {}
+            reason = f"objective {self.objective.name} raised {type(exc).__name__}: {exc}"
+            self.stats.objective_seconds += time.perf_counter() - t1
+            return self._failed(order, level, reason)
+        self.stats.objective_seconds += time.perf_counter() - t1
+        if not math.isfinite(value):
+            return self._failed(order, level, f"objective {self.objective.name} returned {value}")
+        return Score(order, float(value), metrics, None, level.n)
+
+    def _failed(self, order: Order, level: _Level, reason: str) -> Score:
+        return Score(order, math.nan, {}, reason, level.n)
+
+    def __repr__(self) -> str:
+        return (
+            f"Engine({self.bank.describe_source()}, n={self.n_images}, objective={self.objective.name}, "
+            f"norm={self.norm}, cache={self.cache.capacity / 2**20:.0f} MiB/{self.cache.policy.name}, "
+            f"device={self.device}, dtype={str(self.dtype).removeprefix('torch.')})"
+        )

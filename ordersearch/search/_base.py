@@ -1,0 +1,211 @@
+"""The one interface every searcher speaks, and the context a search hands it.
+
+A searcher proposes orders of an :class:`~ordersearch.OrderSpace` as trials of an Optuna study,
+in batches that the engine scores together (so prefix sharing works for every searcher).
+Like Optuna's ``BaseSampler`` it has few abstract methods: :meth:`Searcher.ask`, plus optional
+hooks (:meth:`Searcher.make_sampler`, :meth:`Searcher.prepare`, :meth:`Searcher.retain`). Its
+state lives in the study (trial parameters and user attributes), so a search resumes from
+its storage alone.
+"""
+
+from __future__ import annotations
+
+import random
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from ..errors import SearchError
+from ..order import Order
+from ..space import OrderSpace
+from ._encoding import OrderEncoding, is_live, order_of
+
+__all__ = [
+    "SearchContext",
+    "SearchError",
+    "Searcher",
+    "SamplerSearcher",
+    "get_searcher",
+    "list_searchers",
+    "register_searcher",
+]
+
+
+@dataclass
+class SearchContext:
+    """What a searcher sees: the study, the space, the engine and the run's settings.
+
+    Attributes:
+        space: The order space.
+        encoding: Its fixed-position encoding for Optuna samplers.
+        engine: The engine scoring candidates (its ``bank``, ``evalset`` and ``objective``
+            are available to searchers that need them, e.g. ``differentiable``).
+        bank: The bank searched.
+        seed: Seed of the run (None: nondeterministic).
+        study: The Optuna study (set once the study is opened).
+    """
+
+    space: OrderSpace
+    encoding: OrderEncoding
+    engine: Any
+    bank: Any
+    seed: int | None = None
+    study: optuna.Study | None = None
+    _salt: int = field(default_factory=lambda: random.SystemRandom().randrange(2**31), repr=False)
+
+    # --- reading the study ----------------------------------------------------------------
+    def trials(self, states: tuple[TrialState, ...] | None = None) -> list[FrozenTrial]:
+        """The study's trials (not copied; do not modify)."""
+        assert self.study is not None
+        return self.study.get_trials(deepcopy=False, states=states)
+
+    def seen(self) -> set[Order]:
+        """Orders of every trial proposed so far (except interrupted ones, never scored)."""
+        out = set()
+        for t in self.trials():
+            if not is_live(t):
+                continue
+            o = order_of(t, self.encoding)
+            if o is not None:
+                out.add(o)
+        return out
+
+    def scored(self) -> dict[Order, float]:
+        """Best objective value per order over the completed trials."""
+        out: dict[Order, float] = {}
+        for t in self.trials((TrialState.COMPLETE,)):
+            o = order_of(t, self.encoding)
+            if o is not None and t.values:
+                v = t.values[0]
+                if o not in out or v > out[o]:
+                    out[o] = v
+        return out
+
+    def rng(self, *tag: object) -> random.Random:
+        """A random source fixed by the seed and ``tag`` (e.g. a trial number), so that a
+        resumed search draws what an uninterrupted one would have."""
+        base = self.seed if self.seed is not None else self._salt
+        return random.Random(f"{base}:" + ":".join(map(str, tag)))
+
+    # --- proposing ------------------------------------------------------------------------
+    def ask_order(self, order: Order, **attrs: Any) -> tuple[optuna.Trial, Order]:
+        """A new trial for ``order`` chosen by the searcher itself (not by a sampler).
+
+        The order's parameters are enqueued, so the trial carries them like any sampled
+        one. On shared storage another worker may pop the enqueued trial first; then this
+        returns the trial it got and that trial's order, and the other worker scores ours.
+        """
+        assert self.study is not None
+        params = self.encoding.params(order)
+        user_attrs = {"order": str(order), **attrs}
+        if params is None:
+            trial = self.study.ask()
+            for k, v in user_attrs.items():
+                trial.set_user_attr(k, v)
+            return trial, order
+        self.study.enqueue_trial(params, user_attrs=user_attrs)
+        trial = self.study.ask()
+        # Enqueued parameters are fixed: suggesting records them and decodes to the order.
+        return trial, self.encoding.suggest(trial)
+
+
+class Searcher(ABC):
+    """Base class of searchers.
+
+    Subclasses set :attr:`name` and implement :meth:`ask`. Searchers are small frozen
+    dataclasses whose fields are their options (:meth:`config` lists them).
+
+    Attributes:
+        name: Registry name (``tpe``, ``evolution``, ...).
+        directions: Optuna study directions; the first objective is always the score.
+        unique: True when the searcher never proposes an order already in the study.
+    """
+
+    name: ClassVar[str] = ""
+    directions: ClassVar[tuple[str, ...]] = ("maximize",)
+    unique: ClassVar[bool] = True
+
+    def make_sampler(self, ctx: SearchContext) -> optuna.samplers.BaseSampler:
+        """The Optuna sampler the study is created with (default: a seeded random sampler,
+        unused by searchers that choose their orders themselves)."""
+        return optuna.samplers.RandomSampler(seed=ctx.seed)
+
+    def prepare(self, ctx: SearchContext) -> None:
+        """Called once the study is open, before the first :meth:`ask` of this run."""
+        return None
+
+    @abstractmethod
+    def ask(self, ctx: SearchContext, n: int) -> list[tuple[optuna.Trial, Order]]:
+        """Up to ``n`` new trials and their orders (all in ``ctx.space``); an empty list
+        means the searcher has nothing left to propose and the search ends."""
+
+    def retain(self, ctx: SearchContext) -> list[Order]:
+        """Prefixes the searcher will extend next: passed to the engine as retain hints."""
+        return []
+
+    def values(self, score: float, order: Order) -> list[float]:
+        """The values told to the study for a scored order (one per direction)."""
+        return [score]
+
+    def config(self) -> dict[str, Any]:
+        """The searcher's options, JSON-friendly."""
+        if not hasattr(self, "__dataclass_fields__"):
+            return {}
+        out = {}
+        for f in fields(self):  # type: ignore[arg-type]
+            v = getattr(self, f.name)
+            out[f.name] = v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
+        return out
+
+
+class SamplerSearcher(Searcher):
+    """A searcher whose proposals come from an Optuna sampler over the order encoding:
+    ``study.ask()`` then one categorical per position (see :mod:`._encoding`)."""
+
+    unique = False
+
+    @abstractmethod
+    def make_sampler(self, ctx: SearchContext) -> optuna.samplers.BaseSampler: ...
+
+    def ask(self, ctx: SearchContext, n: int) -> list[tuple[optuna.Trial, Order]]:
+        assert ctx.study is not None
+        out = []
+        for _ in range(n):
+            trial = ctx.study.ask()
+            out.append((trial, ctx.encoding.suggest(trial)))
+        return out
+
+
+# --- registry ---------------------------------------------------------------------------
+
+_SEARCHERS: dict[str, Callable[..., Searcher]] = {}
+
+
+def register_searcher(name: str, factory: Callable[..., Searcher]) -> None:
+    """Make ``get_searcher(name, **options)`` return ``factory(**options)``."""
+    _SEARCHERS[name] = factory
+
+
+def list_searchers() -> list[str]:
+    """Names of the registered searchers."""
+    return sorted(_SEARCHERS)
+
+
+def get_searcher(searcher: str | Searcher, **options: Any) -> Searcher:
+    """A searcher by name with its options, or the instance given."""
+    if isinstance(searcher, Searcher):
+        if options:
+            raise SearchError("options only apply to a searcher given by name")
+        return searcher
+    try:
+        factory = _SEARCHERS[searcher]
+    except KeyError:
+        raise SearchError(f"unknown searcher {searcher!r}; known: {', '.join(list_searchers())}") from None
+    try:
+        return factory(**options)
+    except TypeError as exc:
+        raise SearchError(f"searcher {searcher!r}: {exc}") from None

@@ -1,0 +1,321 @@
+"""``search``: the loop every searcher runs in.
+
+Ask a batch of trials from the searcher (``study.ask()`` x batch), score their orders together
+with the engine (prefix sharing, retain hints, optional successive-halving pruning on growing
+image subsets), tell the study, repeat until the trial budget, the time limit or the
+searcher's proposals run out. The identity order is always trial 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from ..order import Order
+from ..space import OrderSpace
+from ._base import SearchContext, Searcher, SearchError, get_searcher
+from ._encoding import OrderEncoding, is_live
+from ._result import SearchResult, best_trials, trials_table
+from ._study import counts_toward_budget, fail_stale, make_storage, open_study
+
+__all__ = ["search"]
+
+log = logging.getLogger("ordersearch")
+
+_STAT_KEYS = ("candidates", "failed", "block_evals", "min_block_evals", "naive_block_evals", "memo_hits",
+              "image_block_evals", "total_seconds")
+
+
+def search(
+    bank: Any,
+    evalset: Any,
+    objective: Any = None,
+    *,
+    searcher: str | Searcher = "tpe",
+    space: OrderSpace | None = None,
+    n_trials: int = 100,
+    batch_size: int = 8,
+    storage: str | optuna.storages.BaseStorage | None = None,
+    study_name: str | None = None,
+    seed: int | None = None,
+    timeout: float | None = None,
+    engine: Any = None,
+    engine_kwargs: dict[str, Any] | None = None,
+    searcher_options: dict[str, Any] | None = None,
+    fidelities: Sequence[int] | None = None,
+    pruner: optuna.pruners.BasePruner | None = None,
+    progress: bool = False,
+    callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
+) -> SearchResult:
+    """Search an order of ``bank``'s blocks that maximises ``objective`` on ``evalset``.
+
+    Args:
+        bank: The frozen bank.
+        evalset: The :class:`~ordersearch.evalset.EvalSet` scored on.
+        objective: Objective name or object (default ``probe``; ignored when ``engine`` is given).
+        searcher: Searcher name (``random``, ``tpe``, ``gp``, ``nsga2``, ``evolution``, ``beam``,
+            ``local``, ``exhaustive``, ``sources``, ``differentiable``) or instance.
+        space: Order space (default: permutations with skips, ``OrderSpace(K)``).
+        n_trials: Trial budget of the *study*, identity included: a resumed study runs only
+            the trials it lacks. Searchers that run out of proposals stop earlier.
+        batch_size: Trials asked and scored together.
+        storage: Optuna storage URL or object; None keeps the study in memory.
+        study_name: Name of the study; an existing one in ``storage`` is resumed.
+        seed: Seed of the searcher (same seed, same trials).
+        timeout: Stop asking new batches after this many seconds.
+        engine: An engine to score with (default: a new
+            :class:`~ordersearch.engine.Engine` made with ``engine_kwargs``).
+        engine_kwargs: Keyword arguments of the new engine (``cache_bytes``, ``device``, ...).
+        searcher_options: Options of a searcher given by name.
+        fidelities: Image counts below the EvalSet size to score on first (multi-fidelity):
+            candidates are pruned between them by ``pruner``.
+        pruner: Optuna pruner (default with ``fidelities``: successive halving).
+        progress: Show a progress bar with the best score so far.
+        callbacks: Called as ``callback(study, trial)`` after each finished trial.
+
+    Returns:
+        The best order, its score, the study and the trials table.
+
+    Raises:
+        SearchError: bad settings, a study made with other settings, or no trial scored.
+
+    Example:
+        >>> import ordersearch, torch
+        >>> from ordersearch.evalset import EvalSet
+        >>> bank = ordersearch.load_bank("isoresnet:width=8,blocks=3,classes=10")
+        >>> data = EvalSet(torch.randn(40, 1, 16, 16), torch.arange(40) % 4)
+        >>> result = search(bank, data, "probe", searcher="random", n_trials=6, seed=0)
+        >>> result.trials["order"][0], len(result.trials)
+        ('0-1-2', 6)
+    """
+    searcher = get_searcher(searcher, **(searcher_options or {}))
+    if n_trials < 1 or batch_size < 1:
+        raise SearchError(f"n_trials and batch_size must be >= 1, got {n_trials} and {batch_size}")
+    space = space if space is not None else OrderSpace(bank.n_blocks)
+    if space.n_blocks != bank.n_blocks:
+        raise SearchError(f"the order space has {space.n_blocks} blocks but the bank has {bank.n_blocks}")
+    if engine is None:
+        from ..engine import Engine
+
+        engine = Engine(bank, evalset, objective if objective is not None else "probe", **(engine_kwargs or {}))
+    rungs, pruner = _fidelities(engine, searcher, fidelities, pruner)
+    ctx = SearchContext(space, OrderEncoding(space), engine, bank, seed)
+    meta = {
+        "searcher": searcher.name,
+        "searcher_config": searcher.config(),
+        "space": space.describe(),
+        "objective": engine.objective.name,
+        "fingerprint": bank.fingerprint,
+        "bank": {"source": bank.source, "path": getattr(bank, "path", None), "adapter": bank.adapter,
+                 "fingerprint": bank.fingerprint, "n_blocks": bank.n_blocks},
+        "data": evalset.describe() if hasattr(evalset, "describe") else None,
+        "fidelities": rungs,
+    }
+    ctx.study = open_study(make_storage(storage), study_name, sampler=searcher.make_sampler(ctx),
+                        pruner=pruner, directions=searcher.directions, meta=meta)
+    fail_stale(ctx.study)
+    start = time.perf_counter()
+    stats0 = _stats(engine)
+    with warnings.catch_warnings():
+        # The heartbeat serves ask-and-tell as well as Study.optimize; Optuna warns regardless.
+        warnings.filterwarnings("ignore", message="Heartbeat of storage", category=UserWarning)
+        return _loop(ctx, searcher, rungs, list(callbacks), n_trials, batch_size, timeout, progress, start, stats0)
+
+
+def _loop(ctx: SearchContext, searcher: Searcher, rungs: list[int], callbacks: list, n_trials: int, batch_size: int,
+          timeout: float | None, progress: bool, start: float, stats0: dict[str, float]) -> SearchResult:
+    study, engine, bank = ctx.study, ctx.engine, ctx.bank
+    assert study is not None
+    obj_name = engine.objective.name
+    bar = _bar(progress, n_trials, searcher.name)
+    run = _Run(ctx, searcher, rungs, callbacks, bar)
+    try:
+        if not any(t.user_attrs.get("baseline") and is_live(t) for t in study.get_trials(deepcopy=False)):
+            run.batch([ctx.ask_order(bank.identity, baseline=True)])
+        searcher.prepare(ctx)
+        while True:
+            if timeout is not None and time.perf_counter() - start > timeout:
+                log.info("search stopped by its time limit after %.0f s", time.perf_counter() - start)
+                break
+            trials = study.get_trials(deepcopy=False)
+            used = sum(counts_toward_budget(t) or t.state == TrialState.RUNNING for t in trials)
+            if bar is not None:
+                bar.n = min(sum(counts_toward_budget(t) for t in trials), n_trials)
+                bar.refresh()
+            remaining = n_trials - used
+            if remaining <= 0:
+                break
+            items = searcher.ask(ctx, min(batch_size, remaining))
+            if not items:
+                log.info("searcher %s has nothing left to propose", searcher.name)
+                break
+            run.batch(items)
+    finally:
+        if bar is not None:
+            bar.close()
+        _save_stats(study, stats0, _stats(engine))
+    return _result(study, searcher, obj_name, _diff(stats0, _stats(engine)))
+
+
+class _Run:
+    """Scores batches and tells the study; fails in-flight trials if interrupted."""
+
+    def __init__(self, ctx: SearchContext, searcher: Searcher, rungs: list[int], callbacks: list, bar: Any) -> None:
+        self.ctx, self.searcher, self.rungs, self.callbacks, self.bar = ctx, searcher, rungs, callbacks, bar
+        self.best = -math.inf
+
+    def batch(self, items: list[tuple[optuna.Trial, Order]]) -> None:
+        study = self.ctx.study
+        assert study is not None
+        told: set[int] = set()
+        try:
+            _beat(study, [t for t, _ in items])
+            scores, pruned = self._evaluate(items)
+            for (trial, order), score, was_pruned in zip(items, scores, pruned):
+                frozen = self._tell(trial, order, score, was_pruned)
+                told.add(trial.number)
+                for cb in self.callbacks:
+                    cb(study, frozen)
+        except BaseException:
+            for trial, _ in items:
+                if trial.number not in told:
+                    try:
+                        trial.set_user_attr("interrupted", True)
+                        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+                    except Exception:  # the storage itself may be what failed
+                        log.debug("could not mark trial %d as interrupted", trial.number)
+            raise
+
+    def _evaluate(self, items: list[tuple[optuna.Trial, Order]]) -> tuple[list[Any], list[bool]]:
+        engine = self.ctx.engine
+        retain = self.searcher.retain(self.ctx)
+        orders = [o for _, o in items]
+        final: list[Any] = [None] * len(items)
+        pruned = [False] * len(items)
+        alive = list(range(len(items)))
+        for n in self.rungs:
+            scores = engine.evaluate([orders[i] for i in alive], n_images=n)
+            for i, s in zip(alive, scores):
+                if s.ok:
+                    items[i][0].report(s.value, n)
+                else:
+                    final[i] = s
+            keep = []
+            for i, s in zip(alive, scores):
+                if s.ok and items[i][0].should_prune():
+                    final[i], pruned[i] = s, True
+                elif s.ok:
+                    keep.append(i)
+            alive = keep
+            _beat(self.ctx.study, [items[i][0] for i in alive])
+        if alive:
+            for i, s in zip(alive, engine.evaluate([orders[i] for i in alive], retain=retain)):
+                final[i] = s
+        return final, pruned
+
+    def _tell(self, trial: optuna.Trial, order: Order, score: Any, pruned: bool) -> FrozenTrial:
+        study = self.ctx.study
+        assert study is not None
+        trial.set_user_attr("n_images", int(score.n_images))
+        if score.metrics:
+            trial.set_user_attr("metrics", {k: float(v) for k, v in score.metrics.items()})
+        if pruned:
+            frozen = study.tell(trial, state=TrialState.PRUNED)
+        elif not score.ok:
+            trial.set_user_attr("failed", str(score.failed))
+            frozen = study.tell(trial, state=TrialState.FAIL)
+        else:
+            frozen = study.tell(trial, self.searcher.values(float(score.value), order))
+            if score.value > self.best:
+                self.best = score.value
+        if self.bar is not None:
+            self.bar.update(1)
+            if math.isfinite(self.best):
+                self.bar.set_postfix_str(f"best {self.best:.4f}", refresh=False)
+        return frozen
+
+
+def _fidelities(engine: Any, searcher: Searcher, fidelities: Sequence[int] | None,
+                pruner: optuna.pruners.BasePruner | None) -> tuple[list[int], optuna.pruners.BasePruner | None]:
+    if fidelities is None and pruner is None:
+        return [], None
+    n = engine.n_images
+    if fidelities is None:  # successive halving's usual ladder: quarter steps down to 32 images
+        rungs, m = [], n // 4
+        while m >= 32:
+            rungs.insert(0, m)
+            m //= 4
+    else:
+        rungs = sorted({int(f) for f in fidelities})
+        if rungs and (rungs[0] < 2 or rungs[-1] >= n):
+            raise SearchError(f"fidelities must be image counts in 2..{n - 1} (the EvalSet has {n}), got {list(fidelities)}")
+    if not rungs:
+        raise SearchError(f"no fidelity below the EvalSet's {n} images to prune on; give fidelities")
+    if len(searcher.directions) > 1:
+        raise SearchError(f"searcher {searcher.name!r} is multi-objective; Optuna pruners need a single objective")
+    if pruner is None:
+        factor = max(2, round(rungs[1] / rungs[0])) if len(rungs) > 1 else max(2, round(n / rungs[0]))
+        pruner = optuna.pruners.SuccessiveHalvingPruner(min_resource=rungs[0], reduction_factor=factor)
+    return rungs, pruner
+
+
+def _beat(study: optuna.Study | None, trials: list[optuna.Trial]) -> None:
+    storage = getattr(study, "_storage", None)
+    if storage is None or not hasattr(storage, "record_heartbeat") or storage.get_heartbeat_interval() is None:
+        return
+    for t in trials:
+        storage.record_heartbeat(t._trial_id)
+
+
+def _bar(enabled: bool, total: int, desc: str) -> Any:
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, dynamic_ncols=True)
+
+
+def _stats(engine: Any) -> dict[str, float]:
+    stats = getattr(engine, "stats", None)
+    return {k: float(getattr(stats, k, 0) or 0) for k in _STAT_KEYS}
+
+
+def _diff(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
+    return {k: b[k] - a[k] for k in _STAT_KEYS}
+
+
+def _save_stats(study: optuna.Study, before: dict[str, float], after: dict[str, float]) -> None:
+    """Add this run's engine counters to the study's (``engine_stats``), for reports."""
+    try:
+        total = dict(study.user_attrs.get("engine_stats") or {})
+        for k, v in _diff(before, after).items():
+            total[k] = total.get(k, 0.0) + v
+        study.set_user_attr("engine_stats", total)
+    except Exception:  # never hide the search's own error behind a bookkeeping one
+        log.debug("could not save engine stats", exc_info=True)
+
+
+def _result(study: optuna.Study, searcher: Searcher, objective: str, stats: dict[str, float]) -> SearchResult:
+    best = best_trials(study)
+    if not best:
+        raise SearchError(f"no trial of study {study.study_name!r} scored successfully")
+    t = best[0]
+    ident = [x for x in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if x.user_attrs.get("baseline")]
+    return SearchResult(
+        best_order=Order.parse(t.user_attrs["order"]),
+        best_score=t.values[0],
+        best_metrics=dict(t.user_attrs.get("metrics") or {}),
+        identity_score=ident[0].values[0] if ident else None,
+        study=study,
+        trials=trials_table(study),
+        searcher=searcher.name,
+        objective=objective,
+        engine_stats=stats,
+    )

@@ -1,0 +1,127 @@
+"""Studies: opening (or resuming) the Optuna study a search records into.
+
+Storage is any Optuna storage: an RDB URL (``sqlite:///run/study.db``, PostgreSQL, MySQL), a
+storage object, or None for an in-memory study. RDB storages get a heartbeat, so that trials
+left running by a killed worker are failed when a search resumes (they do not count toward
+the budget and are proposed again) while other workers' live trials are left alone.
+
+The study remembers what it searches (user attribute ``ordersearch``: searcher, space,
+objective, bank fingerprint); resuming it with different settings is refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from typing import Any
+
+import optuna
+from optuna.storages import BaseStorage, RDBStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from ._base import SearchError
+
+__all__ = ["STUDY_META", "counts_toward_budget", "fail_stale", "make_storage", "open_study", "sqlite_url"]
+
+log = logging.getLogger("ordersearch")
+
+#: Study user attribute holding what the study searches.
+STUDY_META = "ordersearch"
+
+_CHECKED = ("searcher", "space", "objective", "fingerprint")
+
+
+def sqlite_url(path: Any) -> str:
+    """The Optuna URL of a SQLite file."""
+    return f"sqlite:///{path}"
+
+
+def make_storage(
+    storage: str | BaseStorage | None, *, heartbeat_interval: int = 60, grace_period: int | None = None
+) -> BaseStorage | str | None:
+    """An Optuna storage for ``storage`` (URLs become heartbeat-enabled RDB storages)."""
+    if storage is None or isinstance(storage, BaseStorage):
+        return storage
+    if not isinstance(storage, str) or "://" not in storage:
+        raise SearchError(f"storage must be an Optuna storage URL such as sqlite:///study.db, got {storage!r}")
+    kwargs: dict[str, Any] = {}
+    if storage.startswith("sqlite"):
+        kwargs = {"connect_args": {"timeout": 120}}  # several worker processes share one file
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            return RDBStorage(storage, engine_kwargs=kwargs, heartbeat_interval=heartbeat_interval,
+                              grace_period=grace_period)
+    except ImportError as exc:
+        raise SearchError(f"storage {storage.split('://')[0]}: a database driver is missing ({exc})") from None
+    except Exception as exc:  # SQLAlchemy raises many kinds for a bad URL or an unreachable server
+        raise SearchError(f"cannot open storage {_redact(storage)}: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0]}") from None
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        return f"{scheme}://***@{rest.split('@', 1)[1]}"
+    return url
+
+
+def open_study(
+    storage: BaseStorage | str | None,
+    study_name: str | None,
+    *,
+    sampler: optuna.samplers.BaseSampler,
+    pruner: optuna.pruners.BasePruner | None,
+    directions: tuple[str, ...],
+    meta: dict[str, Any],
+) -> optuna.Study:
+    """Create the study, or load it when ``study_name`` exists in ``storage``, and check
+    that an existing study searched the same thing."""
+    try:
+        study = optuna.create_study(storage=storage, sampler=sampler, pruner=pruner, study_name=study_name,
+                                    directions=list(directions), load_if_exists=True)
+    except (ValueError, optuna.exceptions.OptunaError) as exc:
+        raise SearchError(f"cannot open study {study_name!r}: {exc}") from None
+    old = study.user_attrs.get(STUDY_META)
+    if old is None:
+        study.set_user_attr(STUDY_META, meta)
+        return study
+    for key in _CHECKED:
+        if old.get(key) != meta.get(key):
+            raise SearchError(
+                f"study {study.study_name!r} was made with {key} {_short(old.get(key))}, not "
+                f"{_short(meta.get(key))}; resume it with the same settings or choose another study name"
+            )
+    if [d.name.lower() for d in study.directions] != list(directions):
+        raise SearchError(f"study {study.study_name!r} has directions {study.directions}, not {directions}")
+    return study
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def counts_toward_budget(trial: FrozenTrial) -> bool:
+    """Finished trials count; failures count only when the evaluation itself failed (a trial
+    failed because its worker was interrupted or died is proposed again)."""
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return True
+    return trial.state == TrialState.FAIL and "failed" in trial.user_attrs
+
+
+def fail_stale(study: optuna.Study) -> int:
+    """Fail trials whose worker stopped sending heartbeats; returns how many."""
+    storage = study._storage  # the public helper below needs the heartbeat-enabled storage
+    if not hasattr(storage, "get_heartbeat_interval") or storage.get_heartbeat_interval() is None:
+        return 0
+    before = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
+    after = {t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    n = len(before - after)
+    if n:
+        log.warning("study %s: %d trials left running by a stopped worker were failed and will be "
+                    "proposed again", study.study_name, n)
+    return n

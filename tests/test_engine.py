@@ -1,0 +1,350 @@
+from __future__ import annotations
+
+import copy
+import gc
+import math
+import random
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ordersearch import Order, OrderError, build_model, load_bank
+from ordersearch.engine import Engine, Score, count_distinct_prefixes, get_objective, list_objectives
+from ordersearch.evalset import EvalSet
+
+BANKS = {
+    "isoresnet": ("isoresnet:width=8,blocks=4,classes=10", {}),
+    "vit": ("timm:test_vit", dict(img_size=32, num_classes=10)),
+}
+
+
+def _digits(n: int, size: int, chans: int) -> EvalSet:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = torch.tensor(d.images[:n], dtype=torch.float32)[:, None]  # (n, 1, 8, 8)
+    x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
+    x = ((x / 16 - 0.5) / 0.5).repeat(1, chans, 1, 1)
+    return EvalSet(x, torch.tensor(d.target[:n]), name="digits")
+
+
+@pytest.fixture(scope="module")
+def banks():
+    return {name: load_bank(src, **kw) for name, (src, kw) in BANKS.items()}
+
+
+@pytest.fixture(scope="module")
+def data(banks):
+    out = {}
+    for name, bank in banks.items():
+        c, h, _ = bank.data_config["input_size"]
+        out[name] = _digits(120, h, c)
+    return out
+
+
+def _random_orders(k: int, n: int, seed: int, max_len: int | None = None) -> list[Order]:
+    rng = random.Random(seed)
+    max_len = max_len or k + 2
+    return [Order(rng.randrange(k) for _ in range(rng.randint(1, max_len))) for _ in range(n)]
+
+
+def _reference_outputs(bank, evalset, order, output: str, batch_size: int, norm: str) -> torch.Tensor:
+    """The uncached reference: build the model and run a plain forward."""
+    model = build_model(bank, order)
+    if norm == "target":
+        # AdaBN the plain way: every BatchNorm call uses the statistics of the whole EvalSet.
+        model = copy.deepcopy(model).train()
+        with torch.no_grad():
+            return (model.features if output == "features" else model)(evalset.x).float()
+    fn = model.features if output == "features" else model
+    with torch.inference_mode():
+        return torch.cat([fn(evalset.x[s : s + batch_size]) for s in range(0, len(evalset), batch_size)]).float()
+
+
+def _reference_score(bank, evalset, order, objective, batch_size: int = 32, norm: str = "source") -> float:
+    obj = get_objective(objective)
+    out = _reference_outputs(bank, evalset, order, obj.output, batch_size, norm)
+    return obj.score(out, evalset, obj.prepare(evalset))[0]
+
+
+# --- correctness against the uncached reference -----------------------------------------
+
+
+@pytest.mark.parametrize("objective", list_objectives())
+@pytest.mark.parametrize("bank_name", list(BANKS))
+def test_cached_scores_equal_uncached(banks, data, bank_name, objective):
+    bank, evalset = banks[bank_name], data[bank_name]
+    orders = _random_orders(bank.n_blocks, 10, seed=1) + [bank.identity, Order([0, 1]), Order([0, 1, 1])]
+    engine = Engine(bank, evalset, objective, cache_bytes=2**26, batch_size=32)
+    first = engine.evaluate(orders[:7])
+    second = engine.evaluate(orders[7:] + orders[:3])  # second batch reuses the cache and memo
+    scores = first + second
+    assert all(s.ok for s in scores), [s.failed for s in scores]
+    assert engine.stats.cache_hits > 0
+    for s, o in zip(scores, orders + orders[:3]):
+        assert s.order == o
+        assert s.n_images == len(evalset)
+        assert s.value == _reference_score(bank, evalset, o, objective)
+
+
+@pytest.mark.parametrize("bank_name", list(BANKS))
+def test_outputs_equal_the_rebuilt_model(banks, data, bank_name):
+    bank, evalset = banks[bank_name], data[bank_name]
+    engine = Engine(bank, evalset, "head", cache_bytes=2**26, batch_size=32)
+    for o in [Order([2, 0, 0]), Order([2, 0, 0, 1]), Order([])]:
+        assert torch.equal(engine.outputs(o), _reference_outputs(bank, evalset, o, "logits", 32, "source"))
+
+
+def test_identity_reproduces_the_source_model(banks, data):
+    bank, evalset = banks["vit"], data["vit"]
+    engine = Engine(bank, evalset, "head", cache_bytes=0, batch_size=40)
+    with torch.inference_mode():
+        expected = bank.model(evalset.x)
+    torch.testing.assert_close(engine.outputs(bank.identity), expected, rtol=1e-5, atol=1e-5)
+
+
+# --- counts -------------------------------------------------------------------------------
+
+
+def _brute_force_distinct_prefixes(batches) -> int:
+    return len({tuple(o)[:i] for batch in batches for o in batch for i in range(1, len(o) + 1)})
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 2**30])
+def test_min_block_evals_counts_distinct_prefixes(banks, data, cache_bytes):
+    bank, evalset = banks["isoresnet"], data["isoresnet"]
+    batches = [_random_orders(3, 25, seed=s, max_len=5) for s in range(4)]
+    engine = Engine(bank, evalset, "entropy", cache_bytes=cache_bytes, batch_size=64, memo=False)
+    per_batch = 0
+    for batch in batches:
+        engine.evaluate(batch)
+        per_batch += _brute_force_distinct_prefixes([batch])
+    st = engine.stats
+    assert st.min_block_evals == _brute_force_distinct_prefixes(batches)
+    assert count_distinct_prefixes(o for b in batches for o in b) == st.min_block_evals
+    assert st.naive_block_evals == sum(len(o) for b in batches for o in b)
+    if cache_bytes:
+        assert st.block_evals == st.min_block_evals  # an unlimited cache reaches the limit
+    else:
+        assert st.block_evals == per_batch  # no cache: each batch pays its distinct prefixes
+
+
+def test_repeated_orders_are_scored_once(banks, data):
+    bank, evalset = banks["isoresnet"], data["isoresnet"]
+    engine = Engine(bank, evalset, "entropy", cache_bytes=0)
+    a, b = engine.evaluate(["0-1-2", "0-1-2"])
+    (c,) = engine.evaluate(["0-1-2"])
+    assert a == b == c and engine.stats.block_evals == 3 and engine.stats.memo_hits == 1
+
+
+# --- the cache ----------------------------------------------------------------------------
+
+
+def _node_bytes(bank, evalset) -> int:
+    return len(evalset) * math.prod(bank.data_config["block_shape"]) * 4
+
+
+@pytest.mark.parametrize("policy", ["gdsf", "lru"])
+def test_budget_is_never_exceeded_and_scores_do_not_change(banks, data, policy):
+    bank, evalset = banks["isoresnet"], data["isoresnet"]
+    budget = int(3.5 * _node_bytes(bank, evalset))
+    engine = Engine(bank, evalset, "probe", cache_bytes=budget, batch_size=64, policy=policy)
+    measured: list[int] = []
+    admit = engine.cache.admit
+
+    def measuring_admit(key, handle):
+        ok = admit(key, handle)
+        measured.append(sum(t.nbytes for t in engine.cache_tensors()))
+        return ok
+
+    engine.cache.admit = measuring_admit  # type: ignore[method-assign]
+    unlimited = Engine(bank, evalset, "probe", cache_bytes=2**30, batch_size=64)
+    rng = random.Random(3)
+    pop = _random_orders(4, 6, seed=4, max_len=6)
+    for _ in range(5):  # an evolution-like stream: mutate the population's orders
+        batch = []
+        for parent in pop:
+            ids = list(parent)
+            ids[rng.randrange(len(ids))] = rng.randrange(4)
+            batch.append(Order(ids))
+        got = engine.evaluate(batch, retain=pop)
+        assert [s.value for s in got] == [s.value for s in unlimited.evaluate(batch)]
+        pop = batch
+    assert measured and max(measured) <= budget
+    assert engine.stats.cache_bytes_peak <= budget
+    assert engine.stats.evictions > 0  # the budget was binding
+    assert engine.stats.min_block_evals < engine.stats.block_evals < engine.stats.naive_block_evals
+
+
+def test_gdsf_evicts_leaves_first(banks, data):
+    bank, evalset = banks["isoresnet"], data["isoresnet"]
+    engine = Engine(bank, evalset, "entropy", cache_bytes=3 * _node_bytes(bank, evalset), policy="gdsf")
+    engine.evaluate(["0-1-2"])
+    engine.evaluate(["3"])  # one entry must go: the leaf 0-1-2, not the shared 0 or 0-1
+    assert sorted(engine.cache.keys()) == [(0, 0), (0, 0, 1), (0, 3)]
+
+
+def test_retain_hints_keep_nodes(banks, data):
+    bank, evalset = banks["isoresnet"], data["isoresnet"]
+    node = _node_bytes(bank, evalset)
+    others = [Order([b, c]) for b in (1, 2, 3) for c in (1, 2, 3)]
+    kept = {}
+    for hint in (None, ["0-0-0"]):
+        engine = Engine(bank, evalset, "entropy", cache_bytes=4 * node, policy="lru")
+        engine.evaluate(["0-0-0"], retain=hint)
+        engine.evaluate(others)
+        kept[bool(hint)] = (0, 0, 0, 0) in engine.cache
+        before = engine.stats.block_evals
+        engine.evaluate(["0-0-0-1"])
+        kept[f"cost {bool(hint)}"] = engine.stats.block_evals - before
+    assert kept == {False: False, True: True, "cost False": 4, "cost True": 1}
+
+
+def test_no_reference_cycles_hold_activations(banks, data):
+    bank, evalset = banks["isoresnet"], data["isoresnet"]
+    gc.disable()
+    try:
+        engine = Engine(bank, evalset, "entropy", cache_bytes=2**26)
+        engine.evaluate(_random_orders(4, 20, seed=5))
+        refs = [weakref.ref(t) for t in engine.cache_tensors()]
+        assert refs
+        engine.clear()
+        assert all(r() is None for r in refs)  # freed by reference counting alone
+    finally:
+        gc.enable()
+
+
+# --- failures -----------------------------------------------------------------------------
+
+
+def test_nan_candidate_fails_without_killing_the_batch(data):
+    bank = load_bank("isoresnet:width=8,blocks=4,classes=10")
+    evalset = data["isoresnet"]
+    with torch.no_grad():
+        bank.blocks[2].conv1.weight[0, 0, 0, 0] = float("nan")
+    engine = Engine(bank, evalset, "probe", cache_bytes=2**26)
+    orders = [Order([0, 1]), Order([0, 2, 1]), Order([2]), Order([1, 3]), Order([0, 2, 3])]
+    scores = engine.evaluate(orders)
+    assert [s.ok for s in scores] == [True, False, False, True, False]
+    assert all("non-finite activation after block 2" in s.failed for s in scores if not s.ok)
+    assert all(math.isnan(s.value) for s in scores if not s.ok)
+    assert scores[3].value == _reference_score(bank, evalset, orders[3], "probe")
+    assert engine.stats.failed == 3
+    (again,) = engine.evaluate(["0-2-0"])  # the failed prefix is not recomputed
+    assert not again.ok and engine.stats.block_evals == 6
+
+
+def test_invalid_orders_are_rejected(banks, data):
+    engine = Engine(banks["isoresnet"], data["isoresnet"], "entropy")
+    with pytest.raises(OrderError, match="block 7"):
+        engine.evaluate(["0-7"])
+
+
+def test_labelled_objective_needs_labels(banks, data):
+    unlabelled = EvalSet(data["isoresnet"].x)
+    with pytest.raises(ValueError, match="needs labels"):
+        Engine(banks["isoresnet"], unlabelled, "probe")
+    assert Engine(banks["isoresnet"], unlabelled, "infomax").evaluate(["0-1"])[0].ok
+
+
+# --- normalisation ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("objective", ["probe", "head", "infomax"])
+def test_target_norm_matches_adabn_reference(data, objective):
+    bank = load_bank("isoresnet:width=8,blocks=4,classes=10", seed=3)
+    evalset = data["isoresnet"]
+    engine = Engine(bank, evalset, objective, cache_bytes=2**26, batch_size=16, norm="target")
+    orders = [Order([0, 1, 2, 3]), Order([1, 1, 0]), Order([3, 1, 1, 2, 0])]
+    output = get_objective(objective).output
+    scores = engine.evaluate(orders)
+    for s, o in zip(scores, orders):
+        ref = _reference_outputs(bank, evalset, o, output, len(evalset), "target")
+        torch.testing.assert_close(engine.outputs(o), ref, rtol=1e-4, atol=1e-4)
+        assert s.value == pytest.approx(_reference_score(bank, evalset, o, objective, norm="target"), abs=1e-6)
+    # and it is not the source statistics
+    src = _reference_outputs(bank, evalset, orders[0], output, 32, "source")
+    assert not torch.allclose(engine.outputs(orders[0]), src, atol=1e-3)
+
+
+def test_target_norm_does_not_depend_on_chunk_size(data):
+    bank = load_bank("isoresnet:width=8,blocks=4,classes=10", seed=4)
+    evalset = data["isoresnet"]
+    orders = _random_orders(4, 8, seed=6)
+    results = []
+    for bs in (7, 32, len(evalset)):
+        engine = Engine(bank, evalset, "head", cache_bytes=2**26, batch_size=bs, norm="target")
+        scores = engine.evaluate(orders)
+        results.append(([s.value for s in scores], [engine.outputs(o) for o in orders[:3]]))
+    for values, outs in results[1:]:
+        assert values == results[0][0]
+        for a, b in zip(outs, results[0][1]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_target_norm_statistics_are_cached_per_prefix(data):
+    bank = load_bank("isoresnet:width=8,blocks=4,classes=10")
+    evalset = data["isoresnet"]
+    engine = Engine(bank, evalset, "head", cache_bytes=0, batch_size=32, norm="target")
+    engine.evaluate(["0-1-2"])
+    passes = engine.stats.stat_passes
+    assert passes > 0
+    engine.evaluate(["0-1-3"])  # recomputes 0 and 0-1 (no cache) but reuses their statistics
+    assert engine.stats.block_evals == 6
+    assert engine.stats.stat_passes - passes == 2 + 1  # block 3's two BatchNorms, the tail's one
+
+
+# --- precision, fidelity ------------------------------------------------------------------
+
+
+def test_bfloat16_screening_runs_and_stores_bfloat16(banks, data):
+    bank, evalset = banks["vit"], data["vit"]
+    engine = Engine(bank, evalset, "probe", cache_bytes=2**26, dtype=torch.bfloat16)
+    scores = engine.evaluate(_random_orders(bank.n_blocks, 6, seed=7))
+    assert all(s.ok for s in scores)
+    assert {t.dtype for t in engine.cache_tensors()} == {torch.bfloat16}
+
+
+def test_low_fidelity_scores_equal_scoring_the_subset(banks, data):
+    bank, evalset = banks["isoresnet"], data["isoresnet"]
+    orders = _random_orders(4, 6, seed=8)
+    engine = Engine(bank, evalset, "probe", cache_bytes=2**26)
+    low = engine.evaluate(orders, n_images=60)
+    direct = Engine(bank, evalset.subset(60), "probe").evaluate(orders)
+    assert [s.value for s in low] == [s.value for s in direct]
+    assert {s.n_images for s in low} == {60}
+
+
+def test_staged_evaluation_prunes_and_keeps_history(banks, data):
+    bank, evalset = banks["isoresnet"], data["isoresnet"]
+    orders = list(dict.fromkeys(_random_orders(4, 16, seed=9)))
+    engine = Engine(bank, evalset, "probe", cache_bytes=2**26)
+    scores = engine.evaluate_staged(orders, rungs=[30, 60], keep=0.5)
+    full = [s for s in scores if s.n_images == len(evalset)]
+    assert len(full) == math.ceil(math.ceil(len(orders) / 2) / 2)
+    assert all(set(s.intermediate) == {30, 60} for s in full)
+    best_low = max((s for s in scores if s.n_images == 30), key=lambda s: s.value, default=None)
+    assert best_low is None or best_low.value <= max(s.intermediate[30] for s in full)
+    ref = Engine(bank, evalset, "probe").evaluate([s.order for s in full])
+    assert [s.value for s in full] == [s.value for s in ref]
+
+
+def test_score_to_dict_is_json_friendly():
+    s = Score(Order([1, 2]), float("nan"), {}, "boom", 10)
+    assert s.to_dict() == {
+        "order": [1, 2], "value": None, "metrics": {}, "failed": "boom", "n_images": 10, "intermediate": {}
+    }
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_scores_equal_cpu_scores_in_float32(banks, data):
+    bank, evalset = copy.deepcopy(banks["vit"]), data["vit"]
+    orders = _random_orders(bank.n_blocks, 8, seed=10)
+    cpu = Engine(copy.deepcopy(bank), evalset, "probe", device="cpu").evaluate(orders)
+    gpu = Engine(bank, evalset, "probe", device="cuda", dtype=torch.float32).evaluate(orders)
+    assert [s.value for s in gpu] == pytest.approx([s.value for s in cpu], abs=0.02)
+    bf16 = Engine(bank, evalset, "probe", device="cuda").evaluate(orders)
+    assert all(s.ok for s in bf16)

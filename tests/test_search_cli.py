@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+import torch
+
+from ordersearch.cli import main
+
+BANK = "isoresnet:width=8,blocks=4,classes=10"
+COMMON = ["--bank", BANK, "--data", "digits:rotate=30", "--n-images", "120", "--batch-size", "4",
+          "--reliability-orders", "6", "--no-progress", "--seed", "0"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_search_writes_its_files_and_resumes(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["search", *COMMON, "--searcher", "nsga2", "--trials", "8", "--out", str(out)]
+    assert main(argv) == 0
+    assert "best order" in capsys.readouterr().out
+    for name in ("best_order.json", "trials.csv", "report.md", "config.json", "study.db",
+                 "score_over_trials.png", "best_order.png", "pareto_front.png"):
+        assert (out / name).exists(), name
+    spec = json.loads((out / "best_order.json").read_text())
+    assert spec["objective"] == "probe" and spec["searcher"] == "nsga2" and spec["study"] == "search-probe-nsga2"
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 8 and trials["order"][0] == "0-1-2-3"
+    report = (out / "report.md").read_text()
+    assert "| identity |" in report and "| best |" in report and "Split-half reliability" in report
+    assert "Block forwards" in report and "held-out score" in report and "Pareto front" in report
+    # the same command resumes the study: a larger budget adds only the missing trials
+    assert main([*argv[:-4], "--trials", "10", "--out", str(out)]) == 0
+    again = pd.read_csv(out / "trials.csv")
+    assert len(again) == 10 and list(again["order"][:8]) == list(trials["order"])
+
+
+def test_adapt_uses_infomax_without_labels_and_export_writes_the_top_orders(tmp_path, capsys):
+    out = tmp_path / "adapt"
+    argv = ["adapt", *COMMON, "--searcher", "differentiable", "--trials", "4", "--out", str(out)]
+    assert main(argv) == 0
+    assert (out / "mixing_weights.png").exists()
+    spec = json.loads((out / "best_order.json").read_text())
+    assert spec["objective"] == "infomax"
+    # the search never saw labels: no accuracy among the trials' side metrics
+    assert not any(c.startswith("metric_accuracy") for c in pd.read_csv(out / "trials.csv").columns)
+    exported = tmp_path / "export"
+    assert main(["export", "--storage", f"sqlite:///{out / 'study.db'}", "--study", "adapt-infomax-differentiable",
+                 "--top", "2", "--out", str(exported)]) == 0
+    assert (exported / "orders" / "rank2.json").exists() and (exported / "report.md").exists()
+    rank1 = json.loads((exported / "orders" / "rank1.json").read_text())
+    assert rank1["order"] == spec["order"] and rank1["bank"]["fingerprint"] == spec["bank"]["fingerprint"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["search", *COMMON, "--searcher", "exhaustive", "--max-len", "9", "--max-repeats", "0"], "exhaustive search refuses"),
+        (["search", *COMMON, "--fidelities", "a,b"], "--fidelities must be image counts"),
+        (["search", *COMMON, "--max-repeats", "1", "--min-len", "7"], "order lengths 7..4 are empty"),
+        (["export", "--storage", "sqlite:///{tmp}/none.db", "--study", "nope"], "no study 'nope'"),
+        (["export", "--storage", "nonsense", "--study", "nope"], "storage must be an Optuna storage URL"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(argv, message, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    if argv[0] != "export":
+        argv += ["--out", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_unknown_searcher_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["search", "--bank", BANK, "--data", "digits", "--searcher", "annealing"])
+    assert info.value.code == 2

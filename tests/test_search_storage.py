@@ -1,0 +1,92 @@
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+
+import optuna
+import pytest
+
+from ordersearch.search._study import counts_toward_budget
+from ordersearch.testing import make_problem
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+WORKER = """
+import sys, torch, optuna
+torch.set_num_threads(1)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+from ordersearch.testing import make_problem
+url, name, n, searcher = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+engine_problem = make_problem()
+result = engine_problem.run(lambda: searcher, n_trials=n, batch_size=3, storage=url, study_name=name, seed=None)
+print("candidates", int(result.engine_stats["candidates"]))
+"""
+
+
+def _workers(url: str, name: str, n_trials: int, searcher: str, n_workers: int = 2) -> list[int]:
+    # The study and its identity trial exist before the workers start (trial 0 is the identity).
+    make_problem().run(lambda: searcher, n_trials=1, storage=url, study_name=name, seed=0)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, url, name, str(n_trials), searcher],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+             for _ in range(n_workers)]
+    counts = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-2000:]
+        counts.append(int(out.split("candidates")[-1]))
+    return counts
+
+
+def _check_shared_study(url: str, name: str, n_trials: int, counts: list[int], n_workers: int = 2) -> None:
+    study = optuna.load_study(study_name=name, storage=url)
+    trials = study.get_trials()
+    counted = [t for t in trials if counts_toward_budget(t)]
+    # Workers check the budget before each batch; racing workers can overshoot by a batch each.
+    assert n_trials <= len(counted) <= n_trials + 3 * (n_workers - 1)
+    assert trials[0].user_attrs["baseline"] and sum(bool(t.user_attrs.get("baseline")) for t in trials) == 1
+    assert all(t.state != optuna.trial.TrialState.RUNNING for t in trials)
+    assert all("order" in t.user_attrs for t in trials)
+    assert all(c > 0 for c in counts), f"a worker scored nothing: {counts}"
+
+
+@pytest.mark.slow
+def test_worker_processes_share_a_sqlite_study(tmp_path):
+    url = f"sqlite:///{tmp_path / 'shared.db'}"
+    counts = _workers(url, "shared", 16, "evolution")
+    _check_shared_study(url, "shared", 16, counts)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("ORDERSEARCH_TEST_POSTGRES_URL"), reason="ORDERSEARCH_TEST_POSTGRES_URL not set")
+def test_worker_processes_share_a_postgres_study():
+    url = os.environ["ORDERSEARCH_TEST_POSTGRES_URL"]
+    name = f"ordersearch-test-{uuid.uuid4().hex[:8]}"
+    try:
+        counts = _workers(url, name, 24, "tpe", n_workers=3)
+        _check_shared_study(url, name, 24, counts, n_workers=3)
+    finally:
+        optuna.delete_study(study_name=name, storage=url)
+
+
+def test_a_worker_that_died_leaves_its_trials_to_others(tmp_path):
+    """Trials left running by a dead worker are failed by the next run (heartbeat) and are
+    not counted toward the budget."""
+    from ordersearch.search import make_storage
+
+    url = f"sqlite:///{tmp_path / 'stale.db'}"
+    p = make_problem(60)
+    p.run(lambda: "random", n_trials=3, storage=url, study_name="s", seed=0)
+    storage = make_storage(url, heartbeat_interval=1, grace_period=1)
+    study = optuna.load_study(study_name="s", storage=storage)
+    dead = study.ask()  # a worker asks, records a heartbeat once, and dies
+    storage.record_heartbeat(dead._trial_id)
+    import time
+
+    time.sleep(2.5)
+    result = p.run(lambda: "random", n_trials=5, storage=storage, study_name="s", seed=0)
+    states = {t.number: t.state for t in result.study.get_trials()}
+    assert states[dead.number] == optuna.trial.TrialState.FAIL
+    assert sum(counts_toward_budget(t) for t in result.study.get_trials()) == 5
