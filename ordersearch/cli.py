@@ -102,12 +102,32 @@ def _progress_bar(enabled: bool):
         bar.total = total
         bar.set_postfix_str(stage[len(key):].strip(" ()"), refresh=False)
         bar.update(done - bar.n)
+        if done >= total:  # finished stages leave their final line and free the screen row
+            bar.close()
+            bars[key] = _Closed(bar)
 
     def close() -> None:
         for bar in bars.values():
             bar.close()
 
     return update, close
+
+
+class _Closed:
+    """A finished progress bar: later updates of the same stage are ignored."""
+
+    def __init__(self, bar: Any) -> None:
+        self.n = bar.n
+        self.total = bar.total
+
+    def set_postfix_str(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -120,25 +140,19 @@ def _demo(args: argparse.Namespace) -> int:
         result = run_demo(config, args.out, progress=update)
     finally:
         close()
-    print(f"\nsource bank: {result.config.bank} trained on {result.config.source} "
+    print(f"\nsource bank: {config.bank} trained on {config.source} "
           f"(test accuracy {result.source_accuracy:.3f}{', reused' if result.bank_reused else ''})")
-    print(f"target: {result.config.target}; {len(result.rows)} orders scored by the source head\n")
-    shown = result.rows[:8]
-    if result.identity not in shown:
-        shown.append(result.identity)
-    print(_table(
-        ["order", "depth", "target val acc", "target test acc"],
-        [[r["order"] + (" (identity)" if r["identity"] else ""), r["depth"],
-          f"{r['val_accuracy']:.3f}", f"{r['test_accuracy']:.3f}"] for r in shown],
-    ))
-    best, ident = result.best, result.identity
-    if best["identity"] or best["val_accuracy"] <= ident["val_accuracy"]:
-        print("\nno order beat the identity on the target's validation split")
-    else:
-        print(f"\nbest order {best['order']}: test accuracy {best['test_accuracy']:.3f} "
-              f"vs identity {ident['test_accuracy']:.3f} ({best['test_accuracy'] - ident['test_accuracy']:+.3f})")
-    print(f"wrote {result.files['spec']}, {result.files['report']}, {result.files['orders']} "
-          f"in {result.seconds:.0f} s")
+    s, a = result.parts["search"], result.parts["adapt"]
+    rows = [
+        ["search", s["data"], "probe acc", f"{s['identity']}", f"{s['held_out']['identity']['probe_accuracy']:.3f}",
+         f"{s['best']}", f"{s['held_out']['best']['probe_accuracy']:.3f}"],
+        ["adapt", a["data"], "accuracy", f"{a['identity']}", f"{a['held_out']['identity']['accuracy']:.3f}",
+         f"{a['best']}", f"{a['held_out']['best']['accuracy']:.3f}"],
+    ]
+    print(_table(["part", "data (test split)", "metric", "identity", "score", "best order", "score"], rows))
+    print(f"(adapt: identity with the source model's own statistics scores "
+          f"{a['held_out']['identity_source_norm']['accuracy']:.3f}; both adapt rows re-estimate them on the target)")
+    print(f"\nwrote {result.files['report']}, {s['files']['spec']}, {a['files']['spec']} in {result.seconds:.0f} s")
     return 0
 
 

@@ -137,8 +137,10 @@ def _report(study: optuna.Study, table: pd.DataFrame, best: list[Any], meta: dic
               f"`{(meta.get('bank') or {}).get('source') or (meta.get('bank') or {}).get('adapter')}` "
               f"(fingerprint `{str(meta.get('fingerprint', ''))[:12]}`), order space `{json.dumps(meta.get('space'))}`.", ""]
     head = ["", "order", "depth", "score", *metric_names]
+    held_metrics = sorted({k for v in (held.get("orders") or {}).values() for k in (v.get("metrics") or {})})
     if held:
         head.append(f"held-out score ({held.get('data')}, n={held.get('n')})")
+        head += [f"held-out {k}" for k in held_metrics]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, t in rows:
         if t is None:
@@ -147,7 +149,9 @@ def _report(study: optuna.Study, table: pd.DataFrame, best: list[Any], meta: dic
         m = t.user_attrs.get("metrics") or {}
         cells = [label, f"`{o}`", str(len(o)), _fmt(t.values[0] if t.values else None), *[_fmt(m.get(k)) for k in metric_names]]
         if held:
-            cells.append(_fmt((held.get("orders", {}).get(str(o)) or {}).get("value")))
+            h = held.get("orders", {}).get(str(o)) or {}
+            cells.append(_fmt(h.get("value")))
+            cells += [_fmt((h.get("metrics") or {}).get(k)) for k in held_metrics]
         lines.append("| " + " | ".join(cells) + " |")
     if ident is not None and ident.values:
         lines += ["", f"Best minus identity: {best[0].values[0] - ident.values[0]:+.4f}."]
