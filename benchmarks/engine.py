@@ -39,6 +39,7 @@ sys.path.insert(0, str(HERE / "streams"))
 sys.path.insert(0, str(HERE.parent))
 
 import generate  # noqa: E402  (benchmarks/streams/generate.py)
+from _results import write_section  # noqa: E402  (benchmarks/_results.py)
 
 from ordersearch import Order, OrderSpace, build_model, load_bank  # noqa: E402
 from ordersearch.engine import Engine, get_objective  # noqa: E402
@@ -466,14 +467,7 @@ def targets(facts: dict, timed: dict, mem_ok: bool | None) -> list[str]:
 
 
 def write_results(lines: list[str], path: Path) -> None:
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    section = "\n".join([MARK_BEGIN, *lines, MARK_END])
-    if MARK_BEGIN in text and MARK_END in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        text = head + section + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    write_section(path, MARK_BEGIN, MARK_END, lines)
 
 
 def main(argv: list[str] | None = None) -> None:

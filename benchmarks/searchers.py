@@ -38,6 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import optuna  # noqa: E402
+from _results import write_section  # noqa: E402  (benchmarks/_results.py)
 
 from ordersearch import Order, OrderSpace  # noqa: E402
 from ordersearch.engine import Score, get_objective  # noqa: E402
@@ -217,14 +218,8 @@ def _section(doc, results, args, identity, optimum, median, n_orders, seconds, n
 
 
 def _write(path: Path, lines: list[str]) -> None:
-    section = "\n".join(lines)
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    if MARK_BEGIN in text and MARK_END in text:
-        head, rest = text.split(MARK_BEGIN, 1)
-        text = head + section + rest.split(MARK_END, 1)[1]
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    path.write_text(text)
+    # the section's lines already carry the markers
+    write_section(path, MARK_BEGIN, MARK_END, lines[1:-1])
 
 
 if __name__ == "__main__":

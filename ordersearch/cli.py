@@ -188,12 +188,7 @@ def _fmt(value: Any) -> str:
 def _info(args: argparse.Namespace) -> int:
     from .adapters import load_bank
 
-    kwargs: dict[str, Any] = {}
-    if args.pretrained:
-        kwargs["pretrained"] = True
-    if args.checkpoint:
-        kwargs["checkpoint"] = args.checkpoint
-    bank = load_bank(args.bank, **kwargs)
+    bank = load_bank(args.bank, pretrained=args.pretrained, checkpoint=args.checkpoint)
     info = bank.info()
     if args.json:
         print(json.dumps(info, indent=2))

@@ -135,12 +135,7 @@ def _run(args: argparse.Namespace) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    kwargs: dict[str, Any] = {}
-    if cfg.pretrained:
-        kwargs["pretrained"] = True
-    if cfg.checkpoint:
-        kwargs["checkpoint"] = cfg.checkpoint
-    bank = load_bank(cfg.bank, **kwargs)
+    bank = load_bank(cfg.bank, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint)
     objective = get_objective(cfg.objective)
     data = osdata.load(cfg.data, bank.data_config, seed=cfg.seed)
     evalset = data.evalset(cfg.split, labelled=objective.needs_labels, seed=cfg.seed)

@@ -25,18 +25,6 @@ def _factory(name):
     return lambda: get_searcher(name, **OPTIONS.get(name, {}))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions run fastest on one thread; two threads on a busy 2-core machine
-    made them 50x slower."""
-    import torch
-
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def problem():
     return make_problem()

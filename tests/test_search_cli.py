@@ -4,21 +4,12 @@ import json
 
 import pandas as pd
 import pytest
-import torch
 
 from ordersearch.cli import main
 
 BANK = "isoresnet:width=8,blocks=4,classes=10"
 COMMON = ["--bank", BANK, "--data", "digits:rotate=30", "--n-images", "120", "--batch-size", "4",
           "--reliability-orders", "6", "--no-progress", "--seed", "0"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def test_search_writes_its_files_and_resumes(tmp_path, capsys):
