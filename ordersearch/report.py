@@ -13,6 +13,7 @@ import datetime as _dt
 import json
 import logging
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -48,7 +49,9 @@ def split_half_reliability(
         engine = Engine(bank, half, objective, **engine_kwargs)
         values.append([s.value if s.ok else math.nan for s in engine.evaluate(orders)])
     frame = pd.DataFrame({"a": values[0], "b": values[1]}).dropna()
-    rho = float(frame["a"].corr(frame["b"], method="spearman")) if len(frame) >= 3 else math.nan
+    with warnings.catch_warnings():  # constant scores (e.g. all orders perfect): rho is undefined
+        warnings.simplefilter("ignore")
+        rho = float(frame["a"].corr(frame["b"], method="spearman")) if len(frame) >= 3 else math.nan
     return {"spearman": None if math.isnan(rho) else rho, "n_orders": len(frame), "half_size": len(halves[0])}
 
 
