@@ -51,7 +51,7 @@ class RunConfig:
     n_images: int | None = None
     min_len: int = 1
     max_len: int | None = None
-    max_repeats: int | None = 1
+    max_repeats: int | None = None  # None: 1, or what the bank's source orders need; 0: unlimited
     no_skip: bool = False
     prefix: str = ""
     fidelities: str | None = None
@@ -86,7 +86,8 @@ def add_commands(subparsers: Any) -> None:
         p.add_argument("--n-images", type=int, help="score on a seeded subset of this many images")
         p.add_argument("--min-len", type=int, default=1, help="shortest order (1)")
         p.add_argument("--max-len", type=int, help="longest order (default: the number of blocks)")
-        p.add_argument("--max-repeats", type=int, default=1, help="times one block may run; 0: unlimited (1)")
+        p.add_argument("--max-repeats", type=int,
+                       help="times one block may run; 0: unlimited (default: 1, or what the bank's source orders need)")
         p.add_argument("--no-skip", action="store_true", help="orders always have --max-len positions")
         p.add_argument("--prefix", default="", help="pinned first blocks, e.g. 0 or 0-1")
         p.add_argument("--fidelities", help="image counts to prune on first, e.g. 64,256 (successive halving)")
@@ -113,8 +114,6 @@ def add_commands(subparsers: Any) -> None:
 def _config(args: argparse.Namespace) -> RunConfig:
     names = {f.name for f in fields(RunConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
-    if values.get("max_repeats") == 0:
-        values["max_repeats"] = None
     return RunConfig(**values)
 
 
@@ -141,8 +140,12 @@ def _run(args: argparse.Namespace) -> int:
     evalset = data.evalset(cfg.split, labelled=objective.needs_labels, seed=cfg.seed)
     if cfg.n_images is not None and cfg.n_images < len(evalset):
         evalset = evalset.subset(cfg.n_images, seed=cfg.seed)
-    space = OrderSpace(bank.n_blocks, min_len=cfg.min_len, max_len=cfg.max_len, max_repeats=cfg.max_repeats,
-                       allow_skip=not cfg.no_skip, prefix=tuple(Order.parse(cfg.prefix)))
+    space_kwargs: dict[str, Any] = {}
+    if cfg.max_repeats is not None:
+        space_kwargs["max_repeats"] = cfg.max_repeats or None  # 0: unlimited
+    space = OrderSpace.covering(bank.n_blocks, list(bank.source_orders.values()), min_len=cfg.min_len,
+                                max_len=cfg.max_len, allow_skip=not cfg.no_skip,
+                                prefix=tuple(Order.parse(cfg.prefix)), **space_kwargs)
     fidelities = None
     if cfg.fidelities:
         try:

@@ -110,6 +110,19 @@ class OrderSpace:
         """The identity order ``0..K-1`` (the source model)."""
         return Order.identity(self.n_blocks)
 
+    @classmethod
+    def covering(cls, n_blocks: int, orders: Sequence[Order] = (), **kwargs: object) -> OrderSpace:
+        """A space over ``n_blocks`` blocks widened, where a setting is not given, so that it
+        holds every order in ``orders`` (e.g. a bank's source orders, which may be deeper than
+        K and reuse blocks)."""
+        orders = [Order.parse(o) for o in orders]
+        if orders:
+            if kwargs.get("max_len") is None:
+                kwargs["max_len"] = max([n_blocks, *(len(o) for o in orders)])
+            if "max_repeats" not in kwargs:
+                kwargs["max_repeats"] = max([1, *(max(o.counts().values(), default=1) for o in orders)])
+        return cls(n_blocks, **kwargs)  # type: ignore[arg-type]
+
     # --- sampling -----------------------------------------------------------------------
     def sample(self, rng: random.Random) -> Order:
         """Draw an order uniformly from the space (exactly uniform over all its orders)."""

@@ -348,3 +348,26 @@ def test_cuda_scores_equal_cpu_scores_in_float32(banks, data):
     assert [s.value for s in gpu] == pytest.approx([s.value for s in cpu], abs=0.02)
     bf16 = Engine(bank, evalset, "probe", device="cuda").evaluate(orders)
     assert all(s.ok for s in bf16)
+
+
+def test_target_norm_re_estimates_per_position_statistics_of_compositional_banks(data):
+    from ordersearch import bank_from_model, build_model
+    from ordersearch.adapters.compositional import CompositionalConfig, CompositionalNet
+
+    torch.manual_seed(0)
+    net = CompositionalNet(CompositionalConfig(width=8, blocks=3, depth=4, affine="slot"))
+    bank = bank_from_model(net.eval(), source=net.config.source())
+    evalset = data["isoresnet"]
+    order = Order([2, 2, 0, 1])
+    engine = Engine(bank, evalset, "head", cache_bytes=2**26, batch_size=16, norm="target")
+    got = engine.outputs(order)
+    # reference: the rebuilt model with every BatchNorm normalising by whole-set batch statistics
+    model = build_model(bank, order)
+    model.train()
+    with torch.no_grad():
+        saved = {k: v.clone() for k, v in net.state_dict().items()}
+        ref = model(evalset.x)
+        net.load_state_dict(saved)  # train mode updated running statistics in place
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-4)
+    source = Engine(bank, evalset, "head", norm="source").outputs(order)
+    assert not torch.allclose(got, source, atol=1e-3)

@@ -114,3 +114,13 @@ def test_bad_spaces_are_refused():
         OrderSpace(3, min_len=4, max_len=3)
     with pytest.raises(OrderError):
         OrderSpace(2, min_len=5, max_len=6, max_repeats=2)
+
+
+def test_covering_space_holds_source_orders():
+    sources = [Order([3, 3, 1, 1, 0, 0]), Order([0, 1])]
+    space = OrderSpace.covering(4, sources)
+    assert space.max_len == 6 and space.max_repeats == 2
+    assert all(space.contains(o) for o in sources)
+    # explicit settings win over widening
+    assert OrderSpace.covering(4, sources, max_len=8, max_repeats=3).max_repeats == 3
+    assert OrderSpace.covering(4).max_repeats == 1 and OrderSpace.covering(4).max_len == 4

@@ -154,6 +154,9 @@ class PositionalBatchNorm2d(nn.Module):
     re-estimate statistics after hardening).
     """
 
+    #: The engine's ``norm="target"`` re-estimates these statistics like nn.BatchNorm's.
+    target_norm = True
+
     def __init__(self, num_features: int, slots: int, *, affine_per_slot: bool = False,
                  eps: float = 1e-5, momentum: float | None = 0.1) -> None:
         super().__init__()

@@ -37,9 +37,13 @@ class _StopForward(Exception):
     pass
 
 
-def batchnorm_modules(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    """The BatchNorm layers inside ``module`` (what target norm re-estimates)."""
-    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+def batchnorm_modules(module: nn.Module) -> list[nn.Module]:
+    """The BatchNorm layers inside ``module`` (what target norm re-estimates): PyTorch's, and
+    any module that declares ``target_norm = True`` and has ``weight``, ``bias``, ``eps`` and a
+    ``forward(x, slot=0)`` (the per-position BatchNorm of trained compositional banks, whose
+    affine parameters may be per slot: ``affine_per_slot``)."""
+    return [m for m in module.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) or getattr(m, "target_norm", False)]
 
 
 class _Accumulator:
@@ -77,7 +81,7 @@ class _Calls:
         self.acc: _Accumulator | None = None
         self.i = 0
 
-    def __call__(self, bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, bn: nn.Module, x: torch.Tensor, slot: int = 0) -> torch.Tensor:
         i = self.i
         self.i += 1
         if i >= len(self.stats):
@@ -93,14 +97,17 @@ class _Calls:
             else:
                 raise RuntimeError(f"BatchNorm call {i} has no target statistics (the module's structure changed?)")
         mean, var = self.stats[i]
-        return F.batch_norm(x, mean.to(x.dtype), var.to(x.dtype), bn.weight, bn.bias, False, 0.0, bn.eps)
+        weight, bias = bn.weight, bn.bias
+        if getattr(bn, "affine_per_slot", False):
+            weight, bias = weight[slot], bias[slot]
+        return F.batch_norm(x, mean.to(x.dtype), var.to(x.dtype), weight, bias, False, 0.0, bn.eps)
 
 
 @contextmanager
 def _patched(bns: Sequence[nn.Module], calls: _Calls) -> Iterator[None]:
     # An instance attribute shadows the class's forward for this call only.
     for bn in bns:
-        bn.forward = (lambda x, _bn=bn: calls(_bn, x))  # type: ignore[method-assign]
+        bn.forward = (lambda x, slot=0, _bn=bn: calls(_bn, x, slot))  # type: ignore[method-assign]
     try:
         yield
     finally:

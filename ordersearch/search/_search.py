@@ -62,7 +62,8 @@ def search(
         objective: Objective name or object (default ``probe``; ignored when ``engine`` is given).
         searcher: Searcher name (``random``, ``tpe``, ``gp``, ``nsga2``, ``evolution``, ``beam``,
             ``local``, ``exhaustive``, ``sources``, ``differentiable``) or instance.
-        space: Order space (default: permutations with skips, ``OrderSpace(K)``).
+        space: Order space (default: permutations with skips, ``OrderSpace(K)``, widened in
+            length and repeats to hold the bank's source orders).
         n_trials: Trial budget of the *study*, identity included: a resumed study runs only
             the trials it lacks. Searchers that run out of proposals stop earlier.
         batch_size: Trials asked and scored together.
@@ -98,7 +99,8 @@ def search(
     searcher = get_searcher(searcher, **(searcher_options or {}))
     if n_trials < 1 or batch_size < 1:
         raise SearchError(f"n_trials and batch_size must be >= 1, got {n_trials} and {batch_size}")
-    space = space if space is not None else OrderSpace(bank.n_blocks)
+    if space is None:  # permutations with skips, widened to hold the bank's source orders
+        space = OrderSpace.covering(bank.n_blocks, list(getattr(bank, "source_orders", {}).values()))
     if space.n_blocks != bank.n_blocks:
         raise SearchError(f"the order space has {space.n_blocks} blocks but the bank has {bank.n_blocks}")
     if engine is None:
