@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from pathlib import Path
 from typing import Any
 
 import optuna
@@ -47,6 +48,9 @@ def make_storage(
     kwargs: dict[str, Any] = {}
     if storage.startswith("sqlite"):
         kwargs = {"connect_args": {"timeout": 120}}  # several worker processes share one file
+        path = storage.split(":///", 1)[1] if ":///" in storage else ""
+        if path and path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)  # a new run folder
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
