@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON")
     info.add_argument("--pretrained", action="store_true", help="timm: load pretrained weights")
     info.add_argument("--checkpoint", help="local weights file for the model")
+    info.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                      help="timm: a model argument, e.g. --model-arg img_size=64 (repeatable)")
 
     show = sub.add_parser("show", help="print an order spec")
     show.add_argument("spec", help="order spec JSON file")
@@ -188,7 +190,10 @@ def _fmt(value: Any) -> str:
 def _info(args: argparse.Namespace) -> int:
     from .adapters import load_bank
 
-    bank = load_bank(args.bank, pretrained=args.pretrained, checkpoint=args.checkpoint)
+    from .adapters import parse_model_args
+
+    bank = load_bank(args.bank, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                     **parse_model_args(args.model_arg))
     info = bank.info()
     if args.json:
         print(json.dumps(info, indent=2))

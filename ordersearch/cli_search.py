@@ -62,6 +62,7 @@ class RunConfig:
     reliability_orders: int = 30
     pretrained: bool = False
     checkpoint: str | None = None
+    model_arg: tuple[str, ...] = ()
 
 
 def add_commands(subparsers: Any) -> None:
@@ -99,6 +100,8 @@ def add_commands(subparsers: Any) -> None:
                        help="orders re-scored on two data halves for the report's reliability (30; 0: skip)")
         p.add_argument("--pretrained", action="store_true", help="timm: load pretrained weights")
         p.add_argument("--checkpoint", help="local weights file for the model")
+        p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                       help="timm: a model argument, e.g. --model-arg img_size=64 (repeatable)")
         p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
         p.set_defaults(handler=_run, command=command)
 
@@ -114,6 +117,7 @@ def add_commands(subparsers: Any) -> None:
 def _config(args: argparse.Namespace) -> RunConfig:
     names = {f.name for f in fields(RunConfig)}
     values = {k: v for k, v in vars(args).items() if k in names}
+    values["model_arg"] = tuple(values.get("model_arg") or ())
     return RunConfig(**values)
 
 
@@ -121,7 +125,7 @@ def _run(args: argparse.Namespace) -> int:
     import optuna
 
     from . import data as osdata
-    from .adapters import load_bank
+    from .adapters import load_bank, parse_model_args
     from .engine import get_objective
     from .order import Order
     from .report import held_out_scores, split_half_reliability, write_outputs
@@ -134,7 +138,8 @@ def _run(args: argparse.Namespace) -> int:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    bank = load_bank(cfg.bank, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint)
+    bank = load_bank(cfg.bank, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint,
+                     **parse_model_args(cfg.model_arg))
     objective = get_objective(cfg.objective)
     data = osdata.load(cfg.data, bank.data_config, seed=cfg.seed)
     evalset = data.evalset(cfg.split, labelled=objective.needs_labels, seed=cfg.seed)

@@ -63,7 +63,8 @@ class OrderSpec:
         where = self.bank.get("path") or self.bank.get("source")
         if not where:
             raise SpecError("the spec's bank was an in-memory model; pass the bank to load_order")
-        bank = load_bank(where)
+        kwargs = {} if self.bank.get("path") else dict(self.bank.get("model_kwargs") or {})
+        bank = load_bank(where, **kwargs)
         check_bank(self, bank)
         return bank
 
@@ -105,6 +106,7 @@ def save_order(path: str | Path, bank: Bank, order: Order | str | list[int], **m
     order = Order.parse(order).validate(bank.n_blocks, min_len=0)
     bank_info = {
         "source": bank.source,
+        "model_kwargs": dict(bank.model_kwargs),
         "path": getattr(bank, "path", None),
         "adapter": bank.adapter,
         "fingerprint": bank.fingerprint,

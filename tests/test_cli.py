@@ -59,3 +59,13 @@ def test_bad_input_exits_2_with_one_line(argv, message, capsys):
 def test_console_script_bad_subcommand_exits_2():
     proc = subprocess.run([sys.executable, "-m", "ordersearch", "frobnicate"], capture_output=True, text=True)
     assert proc.returncode == 2 and "invalid choice" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_model_args_reach_timm(capsys):
+    argv = ["info", "timm:vit_tiny_patch16_224", "--json", "--model-arg", "img_size=32",
+            "--model-arg", "depth=3", "--model-arg", "patch_size=8"]
+    assert main(argv) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["n_blocks"] == 3 and info["input_size"] == [3, 32, 32]
+    assert main(["info", "timm:vit_tiny_patch16_224", "--model-arg", "depth"]) == 2
+    assert "not KEY=VALUE" in capsys.readouterr().err

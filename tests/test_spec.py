@@ -96,3 +96,14 @@ def test_messages_are_one_line(bank, tmp_path):
     with pytest.raises(SpecError) as info:
         load_order(path)
     assert "\n" not in str(info.value)
+
+
+def test_spec_of_a_timm_bank_rebuilds_with_its_model_arguments(tmp_path):
+    kw = dict(depth=2, img_size=32, patch_size=8, embed_dim=32, num_heads=2, num_classes=5)
+    bank = load_bank("timm:vit_tiny_patch16_224", **kw)
+    spec = load_order(save_order(tmp_path / "s.json", bank, "1-1-0"))
+    assert spec.bank["model_kwargs"] == kw
+    jsonschema.validate(json.loads((tmp_path / "s.json").read_text()), spec_schema())
+    x = torch.randn(2, 3, 32, 32)
+    with torch.inference_mode():
+        assert torch.equal(spec.build_model()(x), build_model(bank, "1-1-0")(x))

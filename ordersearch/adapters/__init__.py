@@ -5,7 +5,7 @@ from __future__ import annotations
 from . import compositional as _compositional  # noqa: F401  (registers the adapter and source scheme)
 from . import isoresnet as _isoresnet  # noqa: F401  (registers the adapter)
 from . import timm_models as _timm_models  # noqa: F401  (registers the adapters)
-from ._load import build_source_model, load_bank, read_bank_header, register_source
+from ._load import build_source_model, load_bank, parse_model_args, read_bank_header, register_source
 from ._registry import Adapter, bank_from_model, get_adapter, list_adapters, register_adapter
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "get_adapter",
     "list_adapters",
     "load_bank",
+    "parse_model_args",
     "read_bank_header",
     "register_adapter",
     "register_source",

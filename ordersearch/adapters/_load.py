@@ -16,7 +16,7 @@ from ..errors import BankError
 from ..isoresnet import IsoResNet, parse_isoresnet_source
 from ._registry import bank_from_model
 
-__all__ = ["load_bank", "build_source_model", "register_source"]
+__all__ = ["load_bank", "build_source_model", "parse_model_args", "register_source"]
 
 # scheme -> (build(source_text, checkpoint, **model_kwargs) -> model, canonical(model) -> text)
 _SOURCES: dict[str, tuple[Callable[..., torch.nn.Module], Callable[[torch.nn.Module], str] | None]] = {}
@@ -85,6 +85,21 @@ def load_bank(
     return bank_from_model(
         model, source=_canonical(text, model), model_kwargs=model_kwargs, data_config=data_config, verify=verify
     )
+
+
+def parse_model_args(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """``["img_size=64", "depth=4", "global_pool=avg"]`` -> model keyword arguments (values
+    read as JSON when they parse, else kept as text), for ``--model-arg`` on the command line."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise BankError(f"model argument {item!r} is not KEY=VALUE (e.g. img_size=64)")
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
 
 
 def _canonical(text: str, model: torch.nn.Module) -> str:
