@@ -188,9 +188,7 @@ def _fmt(value: Any) -> str:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .adapters import load_bank
-
-    from .adapters import parse_model_args
+    from .adapters import load_bank, parse_model_args
 
     bank = load_bank(args.bank, pretrained=args.pretrained, checkpoint=args.checkpoint,
                      **parse_model_args(args.model_arg))
