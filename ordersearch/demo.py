@@ -29,11 +29,11 @@ import torch
 
 from . import data as osdata
 from .adapters import bank_from_model, load_bank, read_bank_header
+from .adapters.isoresnet import data_config as isoresnet_data_config
 from .bank import Bank
 from .engine import Engine
 from .errors import BankError
 from .isoresnet import IsoResNet, parse_isoresnet_source
-from .order import Order
 from .report import held_out_scores, split_half_reliability, write_outputs
 from .search import search, sqlite_url
 from .space import OrderSpace
@@ -113,8 +113,7 @@ def _train_or_reuse(config: DemoConfig, out: Path, progress: Callable[[str, int,
             log.warning("the saved bank in %s is unusable; training a new one", bank_path)
     torch.manual_seed(config.seed)
     model = IsoResNet(arch)
-    bank_cfg = {"input_size": (arch.in_chans, arch.input_size, arch.input_size), "mean": (0.5,), "std": (0.5,)}
-    src = osdata.load(config.source, bank_cfg, seed=config.seed)
+    src = osdata.load(config.source, isoresnet_data_config(arch), seed=config.seed)
 
     def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
         if progress is not None:
@@ -196,7 +195,7 @@ def _part(bank: Bank, config: DemoConfig, space: OrderSpace, storage: str, out: 
     stats = engine.stats
     return {
         "data": data_spec, "objective": objective, "norm": norm, "searcher": config.searcher,
-        "identity": str(identity), "best": str(best), "best_depth": len(best),
+        "identity": str(identity), "identity_depth": len(identity), "best": str(best), "best_depth": len(best),
         "identity_score": result.identity_score, "best_score": result.best_score,
         "held_out": held, "reliability": reliability, "n_trials": len(result.trials),
         "n_test": len(test), "block_evals": stats.block_evals, "naive_block_evals": stats.naive_block_evals,
@@ -230,7 +229,7 @@ def report_text(result: DemoResult, bank: Bank) -> str:
         "",
         "| order | depth | probe accuracy (search) | probe accuracy (test) |",
         "|---|---:|---:|---:|",
-        f"| `{s['identity']}` (identity) | {len(Order.parse(s['identity']))} | {s['identity_score']:.3f} | "
+        f"| `{s['identity']}` (identity) | {s['identity_depth']} | {s['identity_score']:.3f} | "
         f"{sh['identity']['probe_accuracy']:.3f} |",
         f"| `{s['best']}` (best) | {s['best_depth']} | {s['best_score']:.3f} | {sh['best']['probe_accuracy']:.3f} |",
         "",

@@ -13,19 +13,20 @@ import torch
 
 from ..bank import BANK_FORMAT, BANK_FORMAT_VERSION, Bank
 from ..errors import BankError
-from ..isoresnet import IsoResNet, parse_isoresnet_source
 from ._registry import bank_from_model
 
 __all__ = ["load_bank", "build_source_model", "parse_model_args", "register_source"]
 
-# scheme -> (build(source_text, checkpoint, **model_kwargs) -> model, canonical(model) -> text)
-_SOURCES: dict[str, tuple[Callable[..., torch.nn.Module], Callable[[torch.nn.Module], str] | None]] = {}
+# scheme -> (build(source_text, **model_kwargs) -> model, canonical(model) -> text, example text)
+_SOURCES: dict[str, tuple[Callable[..., torch.nn.Module], Callable[[torch.nn.Module], str] | None, str]] = {}
 
 
 def register_source(
     scheme: str,
     build: Callable[..., torch.nn.Module],
     canonical: Callable[[torch.nn.Module], str] | None = None,
+    *,
+    example: str | None = None,
 ) -> None:
     """Teach :func:`load_bank` a new source scheme ``<scheme>:<settings>``.
 
@@ -34,8 +35,9 @@ def register_source(
         build: ``build(source_text, **model_kwargs) -> nn.Module`` with random weights; the
             caller seeds the RNG and loads checkpoints.
         canonical: ``canonical(model) -> source text`` that rebuilds ``model`` exactly.
+        example: Source text shown in error messages (default ``<scheme>:...``).
     """
-    _SOURCES[scheme] = (build, canonical)
+    _SOURCES[scheme] = (build, canonical, example or f"{scheme}:...")
 
 log = logging.getLogger("ordersearch")
 
@@ -103,8 +105,6 @@ def parse_model_args(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
 
 
 def _canonical(text: str, model: torch.nn.Module) -> str:
-    if isinstance(model, IsoResNet):
-        return model.config.source()
     entry = _SOURCES.get(text.partition(":")[0])
     if entry is not None and entry[1] is not None:
         return entry[1](model)
@@ -123,15 +123,6 @@ def build_source_model(
     scheme, _, name = source.partition(":")
     if seed is not None and not pretrained and checkpoint is None:
         torch.manual_seed(seed)
-    if scheme == "isoresnet":
-        if pretrained:
-            raise BankError("isoresnet has no pretrained weights; pass checkpoint= or train one")
-        if model_kwargs:
-            raise BankError("isoresnet takes its settings in the source text, e.g. isoresnet:width=32,blocks=6")
-        model = IsoResNet(parse_isoresnet_source(source))
-        if checkpoint is not None:
-            _load_weights(model, Path(checkpoint))
-        return model.eval()
     if scheme == "timm":
         if not name:
             raise BankError("timm source needs a model name, e.g. timm:vit_small_patch16_224")
@@ -153,15 +144,14 @@ def build_source_model(
             raise BankError(f"timm could not create {name} with {what}: {_one_line(exc)}") from None
     if scheme in _SOURCES:
         if pretrained:
-            raise BankError(f"{scheme} sources have no pretrained weights; pass checkpoint=")
+            raise BankError(f"{scheme} has no pretrained weights; pass checkpoint= or train one")
         model = _SOURCES[scheme][0](source, **model_kwargs)
         if checkpoint is not None:
             _load_weights(model, Path(checkpoint))
         return model.eval()
     raise BankError(
-        f"unknown bank source {source!r}: expected a saved bank file or folder, "
-        "timm:<model name>, isoresnet:width=..,blocks=..,classes=.."
-        + "".join(f", {k}:..." for k in _SOURCES)
+        f"unknown bank source {source!r}: expected a saved bank file or folder, timm:<model name>"
+        + "".join(f", {example}" for _, _, example in _SOURCES.values())
     )
 
 

@@ -7,7 +7,9 @@ from typing import Any
 
 from torch import nn
 
-from ..isoresnet import IsoResNet
+from ..errors import BankError
+from ..isoresnet import IsoResNet, IsoResNetConfig, parse_isoresnet_source
+from ._load import register_source
 from ._parts import Part
 from ._registry import register_adapter
 
@@ -20,21 +22,31 @@ def _tail(model: nn.Module, h, *, pre_logits: bool):
     return model.forward_head(h, pre_logits=pre_logits)
 
 
+def data_config(c: IsoResNetConfig) -> dict[str, Any]:
+    """Input size, mean, std and classes of an isometric ResNet (images scaled to [0, 1])."""
+    return {
+        "input_size": (c.in_chans, c.input_size, c.input_size),
+        "mean": (0.5,) * c.in_chans,
+        "std": (0.5,) * c.in_chans,
+        "interpolation": "bilinear",
+        "num_classes": c.classes,
+    }
+
+
 def _build(model: IsoResNet) -> dict[str, Any]:
-    c = model.config
     return {
         "stem": Part(model, _stem, "stem"),
         "blocks": list(model.blocks),
         "head": Part(model, partial(_tail, pre_logits=False), "head"),
         "features": Part(model, partial(_tail, pre_logits=True), "features"),
-        "data_config": {
-            "input_size": (c.in_chans, c.input_size, c.input_size),
-            "mean": (0.5,) * c.in_chans,
-            "std": (0.5,) * c.in_chans,
-            "interpolation": "bilinear",
-            "num_classes": c.classes,
-        },
+        "data_config": data_config(model.config),
     }
+
+
+def _build_source(source: str, **model_kwargs: Any) -> IsoResNet:
+    if model_kwargs:
+        raise BankError("isoresnet takes its settings in the source text, e.g. isoresnet:width=32,blocks=6")
+    return IsoResNet(parse_isoresnet_source(source))
 
 
 register_adapter(
@@ -43,3 +55,5 @@ register_adapter(
     _build,
     description="ordersearch's isometric ResNet (the paper's architecture)",
 )
+register_source("isoresnet", _build_source, lambda m: m.config.source(),
+                example="isoresnet:width=..,blocks=..,classes=..")
