@@ -31,6 +31,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
+from .._registry import Registry
 from ..evalset import EvalSet
 
 __all__ = [
@@ -245,30 +246,22 @@ class Infomax(Objective):
 
 # --- registry -------------------------------------------------------------------------
 
-_OBJECTIVES: dict[str, Callable[..., Objective]] = {}
+_OBJECTIVES: Registry[Objective] = Registry("objective", Objective, ValueError, options="keyword arguments")
 
 
 def register_objective(name: str, factory: Callable[..., Objective]) -> None:
     """Make ``get_objective(name, **kwargs)`` return ``factory(**kwargs)``."""
-    _OBJECTIVES[name] = factory
+    _OBJECTIVES.register(name, factory)
 
 
 def list_objectives() -> list[str]:
     """Names of the registered objectives."""
-    return sorted(_OBJECTIVES)
+    return _OBJECTIVES.names()
 
 
 def get_objective(objective: str | Objective, **kwargs: Any) -> Objective:
     """An objective by name (``probe``, ``head``, ``infomax``, ``entropy``) or as given."""
-    if isinstance(objective, Objective):
-        if kwargs:
-            raise ValueError("keyword arguments only apply to an objective given by name")
-        return objective
-    try:
-        factory = _OBJECTIVES[objective]
-    except KeyError:
-        raise ValueError(f"unknown objective {objective!r}; known: {', '.join(list_objectives())}") from None
-    return factory(**kwargs)
+    return _OBJECTIVES.get_or_make(objective, **kwargs)
 
 
 for _cls in (Probe, Head, Infomax, Entropy):

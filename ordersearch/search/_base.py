@@ -19,6 +19,7 @@ from typing import Any, ClassVar
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from .._registry import Registry
 from ..errors import SearchError
 from ..order import Order
 from ..space import OrderSpace
@@ -182,30 +183,19 @@ class SamplerSearcher(Searcher):
 
 # --- registry ---------------------------------------------------------------------------
 
-_SEARCHERS: dict[str, Callable[..., Searcher]] = {}
+_SEARCHERS: Registry[Searcher] = Registry("searcher", Searcher, SearchError)
 
 
 def register_searcher(name: str, factory: Callable[..., Searcher]) -> None:
     """Make ``get_searcher(name, **options)`` return ``factory(**options)``."""
-    _SEARCHERS[name] = factory
+    _SEARCHERS.register(name, factory)
 
 
 def list_searchers() -> list[str]:
     """Names of the registered searchers."""
-    return sorted(_SEARCHERS)
+    return _SEARCHERS.names()
 
 
 def get_searcher(searcher: str | Searcher, **options: Any) -> Searcher:
     """A searcher by name with its options, or the instance given."""
-    if isinstance(searcher, Searcher):
-        if options:
-            raise SearchError("options only apply to a searcher given by name")
-        return searcher
-    try:
-        factory = _SEARCHERS[searcher]
-    except KeyError:
-        raise SearchError(f"unknown searcher {searcher!r}; known: {', '.join(list_searchers())}") from None
-    try:
-        return factory(**options)
-    except TypeError as exc:
-        raise SearchError(f"searcher {searcher!r}: {exc}") from None
+    return _SEARCHERS.get_or_make(searcher, **options)
