@@ -95,9 +95,12 @@ def _progress_bar(enabled: bool):
     from tqdm.auto import tqdm
 
     bars: dict[str, Any] = {}
+    finished: set[str] = set()
 
     def update(stage: str, done: int, total: int) -> None:
         key = stage.split(" (")[0]
+        if key in finished:  # later updates of a finished stage are ignored
+            return
         bar = bars.get(key)
         if bar is None:
             bar = bars[key] = tqdm(total=total, desc=key, leave=True, dynamic_ncols=True)
@@ -106,30 +109,13 @@ def _progress_bar(enabled: bool):
         bar.update(done - bar.n)
         if done >= total:  # finished stages leave their final line and free the screen row
             bar.close()
-            bars[key] = _Closed(bar)
+            finished.add(key)
 
     def close() -> None:
         for bar in bars.values():
             bar.close()
 
     return update, close
-
-
-class _Closed:
-    """A finished progress bar: later updates of the same stage are ignored."""
-
-    def __init__(self, bar: Any) -> None:
-        self.n = bar.n
-        self.total = bar.total
-
-    def set_postfix_str(self, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def update(self, n: int) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
 
 
 def _demo(args: argparse.Namespace) -> int:
