@@ -32,10 +32,12 @@ import os
 import platform
 import shutil
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
 import optuna
+import pandas as pd
 import torch
 
 import ordersearch
@@ -92,29 +94,13 @@ log = logging.getLogger("multisource")
 
 
 # --- statistics ---------------------------------------------------------------------------
-def _ranks(v: list[float]) -> list[float]:
-    order = sorted(range(len(v)), key=lambda i: v[i])
-    r = [0.0] * len(v)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and v[order[j + 1]] == v[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            r[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return r
-
-
 def spearman(a: list[float], b: list[float]) -> float:
     """Spearman rank correlation (average ranks for ties); NaN when undefined."""
     if len(a) < 3:
         return math.nan
-    ra, rb = _ranks(a), _ranks(b)
-    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    va, vb = sum((x - ma) ** 2 for x in ra), sum((y - mb) ** 2 for y in rb)
-    return cov / math.sqrt(va * vb) if va > 0 and vb > 0 else math.nan
+    with warnings.catch_warnings():  # constant input: undefined, NaN
+        warnings.simplefilter("ignore")
+        return float(pd.Series(a).corr(pd.Series(b), method="spearman"))
 
 
 def mean(v: list[float]) -> float:
