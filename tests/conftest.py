@@ -2,7 +2,7 @@
 
 The suite runs tiny models on a 2-core machine, sometimes several processes at once (shared
 studies): one intra-op thread per process avoids OpenMP oversubscription, which made a tiny
-convolution ~80x slower with 2 threads while another process was busy.
+convolution many times slower with 2 threads while another process was busy.
 """
 
 from __future__ import annotations
