@@ -53,14 +53,15 @@ def _random_orders(k: int, n: int, seed: int, max_len: int | None = None) -> lis
 def _reference_outputs(bank, evalset, order, output: str, batch_size: int, norm: str) -> torch.Tensor:
     """The uncached reference: build the model and run a plain forward."""
     model = build_model(bank, order)
+    x = evalset.x.to(next(bank.parameters()).device)  # an Engine moves its bank to its device
     if norm == "target":
         # AdaBN the plain way: every BatchNorm call uses the statistics of the whole EvalSet.
         model = copy.deepcopy(model).train()
         with torch.no_grad():
-            return (model.features if output == "features" else model)(evalset.x).float()
+            return (model.features if output == "features" else model)(x).float().cpu()
     fn = model.features if output == "features" else model
     with torch.inference_mode():
-        return torch.cat([fn(evalset.x[s : s + batch_size]) for s in range(0, len(evalset), batch_size)]).float()
+        return torch.cat([fn(x[s : s + batch_size]) for s in range(0, len(evalset), batch_size)]).float().cpu()
 
 
 def _reference_score(bank, evalset, order, objective, batch_size: int = 32, norm: str = "source") -> float:
@@ -77,7 +78,7 @@ def _reference_score(bank, evalset, order, objective, batch_size: int = 32, norm
 def test_cached_scores_equal_uncached(banks, data, bank_name, objective):
     bank, evalset = banks[bank_name], data[bank_name]
     orders = _random_orders(bank.n_blocks, 10, seed=1) + [bank.identity, Order([0, 1]), Order([0, 1, 1])]
-    engine = Engine(bank, evalset, objective, cache_bytes=2**26, batch_size=32)
+    engine = Engine(bank, evalset, objective, cache_bytes=2**26, batch_size=32, dtype=torch.float32)
     first = engine.evaluate(orders[:7])
     second = engine.evaluate(orders[7:] + orders[:3])  # second batch reuses the cache and memo
     scores = first + second
@@ -92,16 +93,16 @@ def test_cached_scores_equal_uncached(banks, data, bank_name, objective):
 @pytest.mark.parametrize("bank_name", list(BANKS))
 def test_outputs_equal_the_rebuilt_model(banks, data, bank_name):
     bank, evalset = banks[bank_name], data[bank_name]
-    engine = Engine(bank, evalset, "head", cache_bytes=2**26, batch_size=32)
+    engine = Engine(bank, evalset, "head", cache_bytes=2**26, batch_size=32, dtype=torch.float32)
     for o in [Order([2, 0, 0]), Order([2, 0, 0, 1]), Order([])]:
         assert torch.equal(engine.outputs(o), _reference_outputs(bank, evalset, o, "logits", 32, "source"))
 
 
 def test_identity_reproduces_the_source_model(banks, data):
     bank, evalset = banks["vit"], data["vit"]
-    engine = Engine(bank, evalset, "head", cache_bytes=0, batch_size=40)
+    engine = Engine(bank, evalset, "head", cache_bytes=0, batch_size=40, dtype=torch.float32)
     with torch.inference_mode():
-        expected = bank.model(evalset.x)
+        expected = bank.model(evalset.x.to(engine.device)).cpu()
     torch.testing.assert_close(engine.outputs(bank.identity), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -143,7 +144,8 @@ def test_repeated_orders_are_scored_once(banks, data):
 
 
 def _node_bytes(bank, evalset) -> int:
-    return len(evalset) * math.prod(bank.data_config["block_shape"]) * 4
+    element = 2 if torch.cuda.is_available() else 4  # the engine's default dtype: bf16 on CUDA, else fp32
+    return len(evalset) * math.prod(bank.data_config["block_shape"]) * element
 
 
 @pytest.mark.parametrize("policy", ["gdsf", "lru"])
@@ -224,7 +226,7 @@ def test_nan_candidate_fails_without_killing_the_batch(data):
     evalset = data["isoresnet"]
     with torch.no_grad():
         bank.blocks[2].conv1.weight[0, 0, 0, 0] = float("nan")
-    engine = Engine(bank, evalset, "probe", cache_bytes=2**26)
+    engine = Engine(bank, evalset, "probe", cache_bytes=2**26, dtype=torch.float32)
     orders = [Order([0, 1]), Order([0, 2, 1]), Order([2]), Order([1, 3]), Order([0, 2, 3])]
     scores = engine.evaluate(orders)
     assert [s.ok for s in scores] == [True, False, False, True, False]
@@ -232,8 +234,20 @@ def test_nan_candidate_fails_without_killing_the_batch(data):
     assert all(math.isnan(s.value) for s in scores if not s.ok)
     assert scores[3].value == _reference_score(bank, evalset, orders[3], "probe")
     assert engine.stats.failed == 3
+    # 0, 0-1, 0-2, 0-2-1 (checked on its outputs: the path names block 2), 1, 1-3, 2; not 0-2-3
+    assert engine.stats.block_evals == 7
+    assert (0, 0, 2) not in engine.cache and (0, 0, 2, 1) not in engine.cache
     (again,) = engine.evaluate(["0-2-0"])  # the failed prefix is not recomputed
-    assert not again.ok and engine.stats.block_evals == 6
+    assert not again.ok and "after block 2 at position 1" in again.failed and engine.stats.block_evals == 7
+
+
+def test_non_finite_images_fail_every_candidate_with_the_stem_named(banks, data):
+    bank, evalset = banks["isoresnet"], data["isoresnet"]
+    x = evalset.x.clone()
+    x[5, 0, 3, 3] = float("inf")
+    engine = Engine(bank, EvalSet(x, evalset.y), "probe", cache_bytes=2**26)
+    scores = engine.evaluate(["0-1", "2"])
+    assert [s.failed for s in scores] == ["non-finite stem output (are the images finite?)"] * 2
 
 
 def test_invalid_orders_are_rejected(banks, data):
@@ -256,7 +270,7 @@ def test_labelled_objective_needs_labels(banks, data):
 def test_target_norm_matches_adabn_reference(data, objective):
     bank = load_bank("isoresnet:width=8,blocks=4,classes=10", seed=3)
     evalset = data["isoresnet"]
-    engine = Engine(bank, evalset, objective, cache_bytes=2**26, batch_size=16, norm="target")
+    engine = Engine(bank, evalset, objective, cache_bytes=2**26, batch_size=16, norm="target", dtype=torch.float32)
     orders = [Order([0, 1, 2, 3]), Order([1, 1, 0]), Order([3, 1, 1, 2, 0])]
     output = get_objective(objective).output
     scores = engine.evaluate(orders)

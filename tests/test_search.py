@@ -109,9 +109,12 @@ def test_nsga2_records_score_and_depth_and_a_pareto_front(problem):
     result = problem.run(lambda: "nsga2", n_trials=10, batch_size=5, seed=0)
     t = result.study.trials[3]
     assert t.values[1] == len(Order.parse(t.user_attrs["order"]))
-    front = result.pareto()
-    assert front and all(len(Order.parse(a.user_attrs["order"])) < len(Order.parse(b.user_attrs["order"]))
-                         for a, b in zip(front, front[1:]))
+    front = [(t.values[0], len(Order.parse(t.user_attrs["order"]))) for t in result.pareto()]
+    assert front
+    # by score, best first; a lower score is on the front only with a shallower order
+    assert all(a[0] > b[0] and a[1] > b[1] for a, b in zip(front, front[1:]))
+    done = [(t.values[0], t.values[1]) for t in result.study.trials if t.values and t.values[0] == t.values[0]]
+    assert all(any(f[0] >= v and f[1] <= d for f in front) for v, d in done)  # the front dominates every trial
 
 
 def test_pruning_with_successive_halving_records_pruned_trials(problem):

@@ -27,64 +27,26 @@ from collections.abc import Iterable
 
 import torch
 
-__all__ = ["BufferPool", "CachePolicy", "GDSF", "Handle", "LRU", "PrefixCache", "make_policy"]
+__all__ = ["CachePolicy", "GDSF", "Handle", "LRU", "PrefixCache", "make_policy"]
 
 Key = tuple[int, ...]
 
 
-class BufferPool:
-    """Free activation buffers by shape, reused so that steady-state search does not make the
-    allocator grow (each admission after the cache fills frees a buffer of the same shape).
+class Handle:
+    """A prefix activation: one tensor per EvalSet chunk, shared by the cache and the walk's
+    path and reference counted so that it is dropped exactly when neither holds it.
 
-    Args:
-        max_free: Free buffers kept per (shape, dtype, device); more are released.
-        pin_memory: Allocate host buffers in pinned memory (for fast copies to CUDA).
+    Chunks are the blocks' own outputs, kept as they are: copying them into one pooled buffer
+    cost 6-9% of a small block's forward (``benchmarks/engine.py``). The allocator reuses
+    the freed chunks instead (see :mod:`._malloc`).
     """
 
-    def __init__(self, *, max_free: int = 4, pin_memory: bool = False) -> None:
-        self.max_free = max_free
-        self.pin_memory = pin_memory
-        self._free: dict[tuple, list[torch.Tensor]] = {}
-        self.free_bytes = 0
-        self.allocated = 0
-        self.reused = 0
+    __slots__ = ("chunks", "nbytes", "refs")
 
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        free = self._free.get((shape, dtype, device))
-        if free:
-            self.reused += 1
-            t = free.pop()
-            self.free_bytes -= t.nbytes
-            return t
-        self.allocated += 1
-        pin = self.pin_memory and device.type == "cpu"
-        return torch.empty(shape, dtype=dtype, device=device, pin_memory=pin)
-
-    def give(self, t: torch.Tensor) -> None:
-        free = self._free.setdefault((tuple(t.shape), t.dtype, t.device), [])
-        if len(free) < self.max_free:
-            free.append(t)
-            self.free_bytes += t.nbytes
-
-    def clear(self) -> None:
-        self._free.clear()
-        self.free_bytes = 0
-
-
-class Handle:
-    """An activation tensor shared by the cache and the walk's path, reference counted so
-    that its buffer returns to the pool exactly when neither holds it."""
-
-    __slots__ = ("tensor", "refs", "_pool")
-
-    def __init__(self, tensor: torch.Tensor, pool: BufferPool | None) -> None:
-        self.tensor: torch.Tensor | None = tensor
+    def __init__(self, chunks: list[torch.Tensor]) -> None:
+        self.chunks: list[torch.Tensor] | None = chunks
+        self.nbytes = sum(c.nbytes for c in chunks)
         self.refs = 0
-        self._pool = pool
-
-    @property
-    def nbytes(self) -> int:
-        return 0 if self.tensor is None else self.tensor.nbytes
 
     def acquire(self) -> Handle:
         self.refs += 1
@@ -92,10 +54,8 @@ class Handle:
 
     def release(self) -> None:
         self.refs -= 1
-        if self.refs == 0 and self.tensor is not None:
-            if self._pool is not None:
-                self._pool.give(self.tensor)
-            self.tensor = None
+        if self.refs == 0:
+            self.chunks = None
 
 
 class _Entry:
@@ -220,7 +180,7 @@ class PrefixCache:
 
     def tensors(self) -> list[torch.Tensor]:
         """The cached tensors (to measure the budget from outside)."""
-        return [e.handle.tensor for e in self._entries.values() if e.handle.tensor is not None]
+        return [c for e in self._entries.values() for c in e.handle.chunks or ()]
 
     def hit(self, key: Key) -> Handle:
         """The handle of a cached ``key``, counting a use."""
@@ -279,6 +239,13 @@ class PrefixCache:
         self.peak_bytes = max(self.peak_bytes, self.bytes)
         self._push(entry, self.policy.priority(entry, self))
         return True
+
+    def discard(self, key: Key) -> None:
+        """Drop ``key`` if cached (its activation proved bad); a walk holding it keeps its
+        own reference."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._remove(entry)
 
     def _evictable(self, entry: _Entry) -> bool:
         if entry.pins:

@@ -28,7 +28,8 @@ from ..bank import Bank
 from ..errors import BankError, DataError
 from ..evalset import EvalSet
 from ..order import Order
-from ._cache import BufferPool, CachePolicy, Handle, Key, PrefixCache
+from ._cache import CachePolicy, Handle, Key, PrefixCache
+from ._malloc import tune_malloc
 from ._norm import BNStats, batchnorm_modules, run_with_target_stats
 from ._trie import prefixes, walk
 from ._types import EngineStats, Score
@@ -80,7 +81,9 @@ class Engine:
             prefix.
         policy: Cache eviction policy: ``"gdsf"`` (cost-aware, leaves first) or ``"lru"``.
         memo: Remember each order's score, so a repeated candidate costs nothing.
-        check_finite: Fail candidates whose activations stop being finite.
+        check_finite: Fail candidates whose outputs are not finite, naming the first block
+            of the path whose activation was not (checked on the outputs, so a block
+            forward pays nothing for it, and along the path only when they fail).
 
     Example:
         >>> import ordersearch, torch
@@ -127,7 +130,8 @@ class Engine:
         self.evalset = evalset
         self.memo = memo
         self.check_finite = check_finite
-        self.pool = BufferPool(pin_memory=False)
+        if self.device.type == "cpu":
+            tune_malloc(keep_bytes=2 * cache_bytes)  # evicted chunks are reused, not faulted in again
         self.cache = PrefixCache(cache_bytes, policy)
         self.stats = EngineStats()
         self._levels: dict[int, _Level] = {}
@@ -194,12 +198,18 @@ class Engine:
 
                 by_ids = {o.ids: o for o in parsed}
 
-                def finish(key: Key, handle: Handle | None, failed: str | None) -> None:
+                def finish(key: Key, path: list[tuple[Key, Handle]] | None, failed: str | None) -> Key | None:
                     order = by_ids[key[1:]]
-                    if handle is None:
+                    if path is None:
                         results[order.ids] = self._failed(order, level, failed or "failed")
-                    else:
-                        results[order.ids] = self._score(level, order, key, handle)
+                        return None
+                    outputs = self._outputs(level, key, path[-1][1])
+                    bad = self._diagnose(level, outputs, path)
+                    if bad is not None:
+                        results[order.ids] = self._failed(order, level, bad[1])
+                        return bad[0]
+                    results[order.ids] = self._score(level, order, outputs)
+                    return None
 
                 st.cache_hits += walk(
                     keys,
@@ -263,11 +273,16 @@ class Engine:
         found: list[torch.Tensor] = []
         failure: list[str] = []
 
-        def finish(k: Key, handle: Handle | None, failed: str | None) -> None:
-            if handle is None:
+        def finish(k: Key, path: list[tuple[Key, Handle]] | None, failed: str | None) -> Key | None:
+            if path is None:
                 failure.append(failed or "failed")
-            else:
-                found.append(self._outputs(level, k, handle))
+                return None
+            found.append(self._outputs(level, k, path[-1][1]))
+            bad = self._diagnose(level, found[-1], path)
+            if bad is not None:
+                failure.append(bad[1])
+                return bad[0]
+            return None
 
         with torch.inference_mode(), self._autocast():
             root = self._root(level)
@@ -298,7 +313,6 @@ class Engine:
                 level.root.release()
         self._levels.clear()
         self._root_bytes = 0
-        self.pool.clear()
 
     def cache_tensors(self) -> list[torch.Tensor]:
         """The tensors held by the cache now (their ``nbytes`` sum to at most the budget)."""
@@ -327,26 +341,19 @@ class Engine:
                 self.stats.min_block_evals += 1
 
     def _note_path(self, nbytes: int) -> None:
-        live = self.cache.bytes + nbytes + self.pool.free_bytes + self._root_bytes
+        live = self.cache.bytes + nbytes + self._root_bytes
         if live > self.stats.live_bytes_peak:
             self.stats.live_bytes_peak = live
 
     def _forward(
-        self,
-        fn: torch.nn.Module,
-        inputs: list[torch.Tensor],
-        level: _Level,
-        bns_key: Any,
-        stats_key: Any,
-        write: Any,
-    ) -> None:
-        """``fn`` over every chunk, with target statistics when ``norm="target"``."""
+        self, fn: torch.nn.Module, inputs: list[torch.Tensor], level: _Level, bns_key: Any, stats_key: Any
+    ) -> list[torch.Tensor]:
+        """``fn`` over every chunk (with target statistics when ``norm="target"``)."""
         if self.norm != "target":
-            for i, c in enumerate(inputs):
-                write(i, fn(c))
-            return
+            return [fn(c) for c in inputs]
+        outs: list[torch.Tensor] = [inputs[0]] * len(inputs)
         known = level.bn_stats.get(stats_key)
-        stats, passes = run_with_target_stats(fn, inputs, self._bns[bns_key], write, known)
+        stats, passes = run_with_target_stats(fn, inputs, self._bns[bns_key], outs.__setitem__, known)
         self.stats.stat_passes += passes - 1
         if known is None:
             level.bn_stats[stats_key] = stats
@@ -354,6 +361,7 @@ class Engine:
                 level.bn_stats.popitem(last=False)
         else:
             level.bn_stats.move_to_end(stats_key)
+        return outs
 
     def _root(self, level: _Level) -> Handle:
         """The stem output of ``level``'s images, computed once."""
@@ -364,74 +372,61 @@ class Engine:
         if self.device.type == "cuda":
             x = x.pin_memory()
         inputs = [x[s].to(self.device, non_blocking=True) for s in level.slices]
-        parts: list[torch.Tensor | None] = [None] * len(inputs)
-
-        def write(i: int, y: torch.Tensor) -> None:
-            parts[i] = y.to(self.dtype)
-
-        self._forward(self.bank.stem, inputs, level, "stem", ("stem", (level.index,)), write)
-        h = torch.cat(parts)  # type: ignore[arg-type]
-        level.root = Handle(h, None).acquire()
-        self._root_bytes += h.nbytes
+        dtype = self.dtype
+        outs = self._forward(self.bank.stem, inputs, level, "stem", ("stem", (level.index,)))
+        level.root = Handle([y.to(dtype) for y in outs]).acquire()
+        self._root_bytes += level.root.nbytes
         self.stats.stem_evals += 1
         self.stats.stem_seconds += time.perf_counter() - t0
         return level.root
 
-    def _compute(self, level: _Level, key: Key, parent: Handle) -> Handle | str:
-        """The activation of prefix ``key`` from its parent's, or why it is not finite."""
+    def _compute(self, level: _Level, key: Key, parent: Handle) -> Handle:
+        """The activation of prefix ``key`` from its parent's."""
         t0 = time.perf_counter()
-        src = parent.tensor
-        assert src is not None
-        out = self.pool.take(tuple(src.shape), self.dtype, self.device)
-        checks: list[torch.Tensor] = []
-
-        def write(i: int, y: torch.Tensor) -> None:
-            part = out[level.slices[i]]
-            part.copy_(y)
-            if self.check_finite:
-                checks.append(part.sum(dtype=torch.float32))
-
-        inputs = [src[s] for s in level.slices]
+        assert parent.chunks is not None
         # block_at: banks with per-position statistics run the block bound to this position
-        self._forward(self.bank.block_at(key[-1], len(key) - 2), inputs, level, key[-1], key, write)
-        failed = None
-        # A sum overflows only for values near 1e33; confirm with the exact test before failing.
-        if checks and not bool(torch.isfinite(torch.stack(checks)).all()) and not bool(torch.isfinite(out).all()):
-            failed = f"non-finite activation after block {key[-1]} at position {len(key) - 2}"
-            self.pool.give(out)
+        outs = self._forward(self.bank.block_at(key[-1], len(key) - 2), parent.chunks, level, key[-1], key)
+        dtype = self.dtype
+        handle = Handle([y if y.dtype == dtype else y.to(dtype) for y in outs])
         st = self.stats
         st.block_evals += 1
         st.image_block_evals += level.n
         st.block_seconds += time.perf_counter() - t0
-        if failed:
-            log.debug("order prefix %s failed: %s", Order(key[1:]), failed)
-            return failed
-        return Handle(out, self.pool)
+        return handle
 
     def _outputs(self, level: _Level, key: Key, handle: Handle) -> torch.Tensor:
         """Pooled features or head logits (N, D) of prefix ``key``, float32 on the CPU."""
         t0 = time.perf_counter()
-        src = handle.tensor
-        assert src is not None
-        parts: list[torch.Tensor | None] = [None] * len(level.slices)
-
-        def write(i: int, y: torch.Tensor) -> None:
-            parts[i] = y.float()
-
-        self._forward(self._tail, [src[s] for s in level.slices], level, "tail", ("tail", key), write)
-        outputs = torch.cat(parts).to("cpu")  # type: ignore[arg-type]
+        assert handle.chunks is not None
+        parts = self._forward(self._tail, handle.chunks, level, "tail", ("tail", key))
+        outputs = torch.cat([p.float() for p in parts]).to("cpu")
         self.stats.output_seconds += time.perf_counter() - t0
         return outputs
 
-    def _score(self, level: _Level, order: Order, key: Key, handle: Handle) -> Score:
-        outputs = self._outputs(level, key, handle)
+    def _diagnose(
+        self, level: _Level, outputs: torch.Tensor, path: list[tuple[Key, Handle]]
+    ) -> tuple[Key | None, str] | None:
+        """None if ``outputs`` are finite. Else why not, and the first prefix on ``path`` whose
+        activation is not finite (poisoned here, so no order extends it again), or None when
+        the stem output is not finite or every activation is and the tail made it so."""
+        # a sum of finite outputs overflows only near 1e38: confirm with the exact test
+        if not self.check_finite or math.isfinite(outputs.sum().item()) or bool(torch.isfinite(outputs).all()):
+            return None
+        for key, handle in path:
+            if not all(bool(torch.isfinite(c).all()) for c in handle.chunks or ()):
+                if len(key) == 1:
+                    return None, "non-finite stem output (are the images finite?)"
+                reason = f"non-finite activation after block {key[-1]} at position {len(key) - 2}"
+                level.poison[key] = reason
+                log.debug("order prefix %s failed: %s", Order(key[1:]), reason)
+                return key, reason
+        return None, f"non-finite {self.objective.output}"
+
+    def _score(self, level: _Level, order: Order, outputs: torch.Tensor) -> Score:
         t1 = time.perf_counter()
-        if not bool(torch.isfinite(outputs).all()):
-            return self._failed(order, level, f"non-finite {self.objective.output}")
         try:
             value, metrics = self.objective.score(outputs, level.evalset, level.state)
         except (RuntimeError, torch.linalg.LinAlgError) as exc:
-            value, metrics = math.nan, {}
             reason = f"objective {self.objective.name} raised {type(exc).__name__}: {exc}"
             self.stats.objective_seconds += time.perf_counter() - t1
             return self._failed(order, level, reason)

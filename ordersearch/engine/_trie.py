@@ -39,8 +39,8 @@ def walk(
     keys: list[Key],
     cache: PrefixCache,
     root: Handle,
-    compute: Callable[[Key, Handle], Handle | str],
-    finish: Callable[[Key, Handle | None, str | None], None],
+    compute: Callable[[Key, Handle], Handle],
+    finish: Callable[[Key, list[tuple[Key, Handle]] | None, str | None], Key | None],
     poison: dict[Key, str],
     path_bytes: Callable[[int], None] | None = None,
 ) -> int:
@@ -50,10 +50,14 @@ def walk(
         keys: Sorted distinct keys ``(level, b1, ..., bd)``; ``root`` is the key ``(level,)``.
         cache: Prefix cache, read and filled as the walk goes.
         root: The stem output.
-        compute: ``compute(key, parent)`` returns the child's handle (refcount 0), or a
-            failure reason when the activation is not finite.
-        finish: Called once per key with its handle, or None and the reason it failed.
-        poison: Failure reasons of prefixes known to fail (read and extended).
+        compute: ``compute(key, parent)`` returns the child's handle (refcount 0).
+        finish: Called once per key with the path that ends at it (``(key, handle)`` pairs
+            from the root; a cached start skips its ancestors), or None and the reason the
+            key is known to fail. It returns a prefix on that path that proved bad (checks
+            run on the outputs, not after every block) or None; the walk drops that prefix
+            and its descendants from the path and the cache, and ``finish`` has poisoned it,
+            so no later key extends it.
+        poison: Failure reasons of prefixes known to fail (read; ``finish`` extends it).
         path_bytes: Called with the bytes held by the path outside the cache after each push.
     """
     # A cached node that a later order of this walk starts from is pinned until that order
@@ -95,15 +99,17 @@ def walk(
                 if failed is not None:
                     break
                 out = compute(k, stack[-1][1])
-                if isinstance(out, str):
-                    failed = poison[k] = out
-                    break
                 cache.admit(k, out)
                 stack.append((k, out.acquire()))
                 if path_bytes is not None:
                     # held by the path alone (refcount 1): not admitted, or evicted since
                     path_bytes(sum(h.nbytes for _, h in stack if h.refs == 1))
-            finish(key, None if failed else stack[-1][1], failed)
+            bad = finish(key, None if failed else stack, failed)
+            if bad is not None:
+                while len(stack) > 1 and len(stack[-1][0]) >= len(bad):
+                    k, h = stack.pop()
+                    cache.discard(k)
+                    h.release()
             if start is not None:
                 pinned[start] -= 1
                 if pinned[start] == 0:

@@ -209,7 +209,8 @@ class DifferentiableSearcher(Searcher):
     @staticmethod
     def _loss(bank: Any, objective: Any, head: nn.Module | None, h: torch.Tensor, y: torch.Tensor | None) -> torch.Tensor:
         if head is not None:
-            return nn.functional.cross_entropy(head(bank.features(h).flatten(1)), y)
+            assert y is not None
+            return nn.functional.cross_entropy(head(bank.features(h).flatten(1)), y.to(h.device))
         logits = bank.head(h)
         if y is not None:
             return nn.functional.cross_entropy(logits, y.to(logits.device))
