@@ -122,6 +122,11 @@ class Bank(nn.Module):
         return sum(p.numel() for p in self.blocks[0].parameters())
 
     # --- forward ------------------------------------------------------------------------
+    @property
+    def has_positional_blocks(self) -> bool:
+        """True if :meth:`block_at` depends on the position (per-position statistics)."""
+        return self._block_at is not None
+
     def block_at(self, block: int, position: int) -> nn.Module:
         """The module that runs ``block`` at ``position`` of an order.
 

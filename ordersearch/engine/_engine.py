@@ -141,6 +141,8 @@ class Engine:
             self._bns = {i: batchnorm_modules(b) for i, b in enumerate(self.bank.blocks)}
             self._bns["stem"] = batchnorm_modules(self.bank.stem)
             self._bns["tail"] = batchnorm_modules(self._tail)
+        # a plain list: indexing an nn.ModuleList costs microseconds per block forward
+        self._blocks = None if self.bank.has_positional_blocks else list(self.bank.blocks)
         self._retain: list[tuple[int, ...]] = []
         self._root_bytes = 0
         self._protect_dirty = False
@@ -385,7 +387,8 @@ class Engine:
         t0 = time.perf_counter()
         assert parent.chunks is not None
         # block_at: banks with per-position statistics run the block bound to this position
-        outs = self._forward(self.bank.block_at(key[-1], len(key) - 2), parent.chunks, level, key[-1], key)
+        block = self._blocks[key[-1]] if self._blocks is not None else self.bank.block_at(key[-1], len(key) - 2)
+        outs = self._forward(block, parent.chunks, level, key[-1], key)
         dtype = self.dtype
         handle = Handle([y if y.dtype == dtype else y.to(dtype) for y in outs])
         st = self.stats
