@@ -403,7 +403,7 @@ def memory_rows(bank, data, batches, budget: int, batch_size: int) -> list[str]:
         engine = Engine(bank, data, "probe", cache_bytes=budget, device="cpu", batch_size=batch_size)
         replay(engine, batches, True)
         peak = _status("VmHWM") - before
-        path = (bank.n_blocks + 2) * node  # the path and the stem output
+        path = (bank.n_blocks + 2 + engine.pool.max_free) * node  # path, stem output, free pooled buffers
         allowed = 1.15 * (budget + path) + workspace
         live = engine.stats.live_bytes_peak
         engine.clear()

@@ -395,3 +395,32 @@ def test_target_norm_re_estimates_per_position_statistics_of_compositional_banks
     torch.testing.assert_close(got, ref, **_tol(1e-4))
     source = Engine(bank, evalset, "head", norm="source", dtype=torch.float32).outputs(order)
     assert not torch.allclose(got, source, atol=1e-3)
+
+
+@pytest.mark.parametrize("env", ["ORDERSEARCH_TUNE_MALLOC", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES"])
+def test_malloc_tuning_leaves_a_users_own_allocator_settings_alone(monkeypatch, env):
+    from ordersearch.engine import _malloc
+
+    monkeypatch.setattr(_malloc, "_mallopt", None)
+    monkeypatch.setattr(_malloc, "_trim", 0)
+    monkeypatch.setenv(env, "0" if env == "ORDERSEARCH_TUNE_MALLOC" else "glibc.malloc.trim_threshold=131072")
+    assert _malloc.tune_malloc(2**30) is False
+    assert _malloc._trim == 0
+
+
+def test_malloc_tuning_keeps_the_largest_budget(monkeypatch):
+    import platform
+    import sys
+
+    from ordersearch.engine import _malloc
+
+    if not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc":
+        pytest.skip("glibc only")
+    for var in ("ORDERSEARCH_TUNE_MALLOC", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_TOP_PAD_",
+                "GLIBC_TUNABLES"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(_malloc, "_mallopt", None)
+    monkeypatch.setattr(_malloc, "_trim", 0)
+    assert _malloc.tune_malloc(2**30) is True and _malloc._trim == 2**30
+    assert _malloc.tune_malloc(2**20) is True and _malloc._trim == 2**30  # never lowered
+    assert _malloc.tune_malloc(2**40) is True and _malloc._trim == 2**31 - 1  # mallopt takes an int

@@ -18,18 +18,26 @@ import sys, torch, optuna
 torch.set_num_threads(1)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 from ordersearch.testing import make_problem
-url, name, n, searcher = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+url, name, n, searcher, barrier, n_workers = sys.argv[1:5] + [sys.argv[5], int(sys.argv[6])]
 engine_problem = make_problem()
+# start together: a worker that finished importing first could otherwise take every trial
+import os, pathlib, time
+pathlib.Path(barrier, str(os.getpid())).touch()
+deadline = time.monotonic() + 120
+while len(os.listdir(barrier)) < n_workers and time.monotonic() < deadline:
+    time.sleep(0.01)
 result = engine_problem.run(lambda: searcher, n_trials=n, batch_size=3, storage=url, study_name=name, seed=None)
 print("candidates", int(result.engine_stats["candidates"]))
 """
 
 
-def _workers(url: str, name: str, n_trials: int, searcher: str, n_workers: int = 2) -> list[int]:
+def _workers(url: str, name: str, n_trials: int, searcher: str, barrier: str, n_workers: int = 2) -> list[int]:
     # The study and its identity trial exist before the workers start (trial 0 is the identity).
     make_problem().run(lambda: searcher, n_trials=1, storage=url, study_name=name, seed=0)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, url, name, str(n_trials), searcher],
+    os.makedirs(barrier, exist_ok=True)
+    args = [url, name, str(n_trials), searcher, barrier, str(n_workers)]
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, *args],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
              for _ in range(n_workers)]
     counts = []
@@ -55,17 +63,17 @@ def _check_shared_study(url: str, name: str, n_trials: int, counts: list[int], n
 @pytest.mark.slow
 def test_worker_processes_share_a_sqlite_study(tmp_path):
     url = f"sqlite:///{tmp_path / 'shared.db'}"
-    counts = _workers(url, "shared", 16, "evolution")
+    counts = _workers(url, "shared", 16, "evolution", str(tmp_path / "barrier"))
     _check_shared_study(url, "shared", 16, counts)
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("ORDERSEARCH_TEST_POSTGRES_URL"), reason="ORDERSEARCH_TEST_POSTGRES_URL not set")
-def test_worker_processes_share_a_postgres_study():
+def test_worker_processes_share_a_postgres_study(tmp_path):
     url = os.environ["ORDERSEARCH_TEST_POSTGRES_URL"]
     name = f"ordersearch-test-{uuid.uuid4().hex[:8]}"
     try:
-        counts = _workers(url, name, 24, "tpe", n_workers=3)
+        counts = _workers(url, name, 24, "tpe", str(tmp_path / "barrier"), n_workers=3)
         _check_shared_study(url, name, 24, counts, n_workers=3)
     finally:
         optuna.delete_study(study_name=name, storage=url)

@@ -27,26 +27,64 @@ from collections.abc import Iterable
 
 import torch
 
-__all__ = ["CachePolicy", "GDSF", "Handle", "LRU", "PrefixCache", "make_policy"]
+__all__ = ["BufferPool", "CachePolicy", "GDSF", "Handle", "LRU", "PrefixCache", "make_policy"]
 
 Key = tuple[int, ...]
 
 
-class Handle:
-    """A prefix activation: one tensor per EvalSet chunk, shared by the cache and the walk's
-    path and reference counted so that it is dropped exactly when neither holds it.
+class BufferPool:
+    """Free activation buffers by shape, reused so that a steady-state search does not make
+    the allocator grow: each admission after the cache fills frees a buffer of the same shape.
 
-    Chunks are the blocks' own outputs, kept as they are: copying them into one pooled buffer
-    cost 6-9% of a small block's forward (``benchmarks/engine.py``). The allocator reuses
-    the freed chunks instead (see :mod:`._malloc`).
+    Keeping the blocks' own chunk outputs instead (no copy) was measured faster on small
+    blocks, but the long-lived chunks interleaved with each forward's temporaries fragmented
+    the heap: peak RSS grew to 2x the cache's live bytes (``benchmarks/engine.py``, memory).
+
+    Args:
+        max_free: Free buffers kept per (shape, dtype, device); more are released.
     """
 
-    __slots__ = ("chunks", "nbytes", "refs")
+    def __init__(self, *, max_free: int = 4) -> None:
+        self.max_free = max_free
+        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self.free_bytes = 0
+        self.allocated = 0
+        self.reused = 0
 
-    def __init__(self, chunks: list[torch.Tensor]) -> None:
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        free = self._free.get((shape, dtype, device))
+        if free:
+            self.reused += 1
+            t = free.pop()
+            self.free_bytes -= t.nbytes
+            return t
+        self.allocated += 1
+        return torch.empty(shape, dtype=dtype, device=device)
+
+    def give(self, t: torch.Tensor) -> None:
+        free = self._free.setdefault((tuple(t.shape), t.dtype, t.device), [])
+        if len(free) < self.max_free:
+            free.append(t)
+            self.free_bytes += t.nbytes
+
+    def clear(self) -> None:
+        self._free.clear()
+        self.free_bytes = 0
+
+
+class Handle:
+    """A prefix activation, as one view per EvalSet chunk of a pooled buffer, shared by the
+    cache and the walk's path and reference counted so that the buffer returns to the pool
+    exactly when neither holds it."""
+
+    __slots__ = ("chunks", "nbytes", "refs", "_buffer", "_pool")
+
+    def __init__(self, buffer: torch.Tensor, chunks: list[torch.Tensor], pool: BufferPool | None = None) -> None:
         self.chunks: list[torch.Tensor] | None = chunks
-        self.nbytes = sum(c.nbytes for c in chunks)
+        self.nbytes = buffer.nbytes
         self.refs = 0
+        self._buffer: torch.Tensor | None = buffer
+        self._pool = pool
 
     def acquire(self) -> Handle:
         self.refs += 1
@@ -54,8 +92,10 @@ class Handle:
 
     def release(self) -> None:
         self.refs -= 1
-        if self.refs == 0:
-            self.chunks = None
+        if self.refs == 0 and self._buffer is not None:
+            if self._pool is not None:
+                self._pool.give(self._buffer)
+            self.chunks = self._buffer = None
 
 
 class _Entry:
@@ -180,7 +220,7 @@ class PrefixCache:
 
     def tensors(self) -> list[torch.Tensor]:
         """The cached tensors (to measure the budget from outside)."""
-        return [c for e in self._entries.values() for c in e.handle.chunks or ()]
+        return [e.handle._buffer for e in self._entries.values() if e.handle._buffer is not None]
 
     def hit(self, key: Key) -> Handle:
         """The handle of a cached ``key``, counting a use."""

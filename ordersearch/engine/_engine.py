@@ -19,7 +19,7 @@ import logging
 import math
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Literal
 
 import torch
@@ -28,7 +28,7 @@ from ..bank import Bank
 from ..errors import BankError, DataError
 from ..evalset import EvalSet
 from ..order import Order
-from ._cache import CachePolicy, Handle, Key, PrefixCache
+from ._cache import BufferPool, CachePolicy, Handle, Key, PrefixCache
 from ._malloc import tune_malloc
 from ._norm import BNStats, batchnorm_modules, run_with_target_stats
 from ._trie import prefixes, walk
@@ -130,8 +130,9 @@ class Engine:
         self.evalset = evalset
         self.memo = memo
         self.check_finite = check_finite
+        self.pool = BufferPool()
         if self.device.type == "cpu":
-            tune_malloc(keep_bytes=2 * cache_bytes)  # evicted chunks are reused, not faulted in again
+            tune_malloc(keep_bytes=2 * cache_bytes)
         self.cache = PrefixCache(cache_bytes, policy)
         self.stats = EngineStats()
         self._levels: dict[int, _Level] = {}
@@ -217,7 +218,7 @@ class Engine:
                     keys,
                     self.cache,
                     root,
-                    lambda key, parent: self._compute(level, key, parent),
+                    lambda chain, parent: self._compute(level, chain, parent),
                     finish,
                     level.poison,
                     self._note_path,
@@ -288,7 +289,7 @@ class Engine:
 
         with torch.inference_mode(), self._autocast():
             root = self._root(level)
-            walk([key], self.cache, root, lambda k, p: self._compute(level, k, p), finish, level.poison)
+            walk([key], self.cache, root, lambda c, p: self._compute(level, c, p), finish, level.poison)
         if failure:
             raise ValueError(f"order {Order(key[1:])}: {failure[0]}")
         return found[0]
@@ -315,6 +316,7 @@ class Engine:
                 level.root.release()
         self._levels.clear()
         self._root_bytes = 0
+        self.pool.clear()
 
     def cache_tensors(self) -> list[torch.Tensor]:
         """The tensors held by the cache now (their ``nbytes`` sum to at most the budget)."""
@@ -343,19 +345,28 @@ class Engine:
                 self.stats.min_block_evals += 1
 
     def _note_path(self, nbytes: int) -> None:
-        live = self.cache.bytes + nbytes + self._root_bytes
+        live = self.cache.bytes + nbytes + self.pool.free_bytes + self._root_bytes
         if live > self.stats.live_bytes_peak:
             self.stats.live_bytes_peak = live
 
     def _forward(
-        self, fn: torch.nn.Module, inputs: list[torch.Tensor], level: _Level, bns_key: Any, stats_key: Any
-    ) -> list[torch.Tensor]:
-        """``fn`` over every chunk (with target statistics when ``norm="target"``)."""
+        self,
+        fn: torch.nn.Module,
+        inputs: list[torch.Tensor],
+        level: _Level,
+        bns_key: Any,
+        stats_key: Any,
+        write: Callable[[int, torch.Tensor], Any],
+    ) -> None:
+        """``fn`` over every chunk (with target statistics when ``norm="target"``); each
+        output goes to ``write(chunk index, output)`` at once, so one chunk's temporaries
+        are alive at a time."""
         if self.norm != "target":
-            return [fn(c) for c in inputs]
-        outs: list[torch.Tensor] = [inputs[0]] * len(inputs)
+            for i, c in enumerate(inputs):
+                write(i, fn(c))
+            return
         known = level.bn_stats.get(stats_key)
-        stats, passes = run_with_target_stats(fn, inputs, self._bns[bns_key], outs.__setitem__, known)
+        stats, passes = run_with_target_stats(fn, inputs, self._bns[bns_key], write, known)
         self.stats.stat_passes += passes - 1
         if known is None:
             level.bn_stats[stats_key] = stats
@@ -363,7 +374,10 @@ class Engine:
                 level.bn_stats.popitem(last=False)
         else:
             level.bn_stats.move_to_end(stats_key)
-        return outs
+
+    def _new_handle(self, level: _Level, shape: tuple[int, ...]) -> Handle:
+        buffer = self.pool.take((level.n, *shape), self.dtype, self.device)
+        return Handle(buffer, [buffer[s] for s in level.slices], self.pool)
 
     def _root(self, level: _Level) -> Handle:
         """The stem output of ``level``'s images, computed once."""
@@ -374,34 +388,60 @@ class Engine:
         if self.device.type == "cuda":
             x = x.pin_memory()
         inputs = [x[s].to(self.device, non_blocking=True) for s in level.slices]
-        dtype = self.dtype
-        outs = self._forward(self.bank.stem, inputs, level, "stem", ("stem", (level.index,)))
-        level.root = Handle([y.to(dtype) for y in outs]).acquire()
+        handle: list[Handle] = []
+
+        def write(i: int, y: torch.Tensor) -> None:
+            if not handle:
+                handle.append(self._new_handle(level, tuple(y.shape[1:])))
+            handle[0].chunks[i].copy_(y)  # type: ignore[index]
+
+        self._forward(self.bank.stem, inputs, level, "stem", ("stem", (level.index,)), write)
+        level.root = handle[0].acquire()
         self._root_bytes += level.root.nbytes
         self.stats.stem_evals += 1
         self.stats.stem_seconds += time.perf_counter() - t0
         return level.root
 
-    def _compute(self, level: _Level, key: Key, parent: Handle) -> Handle:
-        """The activation of prefix ``key`` from its parent's."""
+    def _compute(self, level: _Level, chain: list[Key], parent: Handle) -> list[Handle]:
+        """The activations of a chain of prefixes (each the parent of the next) from the
+        activation of the first one's parent.
+
+        With the bank's statistics each chunk runs through the whole chain before the next
+        chunk starts, as in a plain forward: the block reads an input it has just written
+        (in the CPU's caches) rather than one written a whole node ago. Target statistics
+        need every chunk of a position before any output, so they run block by block.
+        """
         t0 = time.perf_counter()
-        assert parent.chunks is not None
+        src = parent.chunks
+        assert src is not None
+        shape = tuple(src[0].shape[1:])
+        handles = [self._new_handle(level, shape) for _ in chain]
         # block_at: banks with per-position statistics run the block bound to this position
-        block = self._blocks[key[-1]] if self._blocks is not None else self.bank.block_at(key[-1], len(key) - 2)
-        outs = self._forward(block, parent.chunks, level, key[-1], key)
-        dtype = self.dtype
-        handle = Handle([y if y.dtype == dtype else y.to(dtype) for y in outs])
+        blocks = [self._blocks[k[-1]] if self._blocks is not None else self.bank.block_at(k[-1], len(k) - 2)
+                  for k in chain]
+        if self.norm != "target":
+            outs = [h.chunks for h in handles]
+            for i, x in enumerate(src):
+                for block, out in zip(blocks, outs):
+                    x = out[i].copy_(block(x))  # type: ignore[index]
+        else:
+            for k, block, handle in zip(chain, blocks, handles):
+                out = handle.chunks
+                assert out is not None
+                self._forward(block, src, level, k[-1], k, lambda i, y, out=out: out[i].copy_(y))
+                src = out
         st = self.stats
-        st.block_evals += 1
-        st.image_block_evals += level.n
+        st.block_evals += len(chain)
+        st.image_block_evals += level.n * len(chain)
         st.block_seconds += time.perf_counter() - t0
-        return handle
+        return handles
 
     def _outputs(self, level: _Level, key: Key, handle: Handle) -> torch.Tensor:
         """Pooled features or head logits (N, D) of prefix ``key``, float32 on the CPU."""
         t0 = time.perf_counter()
         assert handle.chunks is not None
-        parts = self._forward(self._tail, handle.chunks, level, "tail", ("tail", key))
+        parts: list[torch.Tensor] = [handle.chunks[0]] * len(handle.chunks)
+        self._forward(self._tail, handle.chunks, level, "tail", ("tail", key), parts.__setitem__)
         outputs = torch.cat([p.float() for p in parts]).to("cpu")
         self.stats.output_seconds += time.perf_counter() - t0
         return outputs
