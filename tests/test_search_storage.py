@@ -18,7 +18,8 @@ import sys, torch, optuna
 torch.set_num_threads(1)
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 from ordersearch.testing import make_problem
-url, name, n, searcher, barrier, n_workers = sys.argv[1:5] + [sys.argv[5], int(sys.argv[6])]
+url, name, searcher, barrier = sys.argv[1], sys.argv[2], sys.argv[4], sys.argv[5]
+n, n_workers = int(sys.argv[3]), int(sys.argv[6])
 engine_problem = make_problem()
 # start together: a worker that finished importing first could otherwise take every trial
 import os, pathlib, time
