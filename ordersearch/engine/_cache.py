@@ -36,9 +36,10 @@ class BufferPool:
     """Free activation buffers by shape, reused so that a steady-state search does not make
     the allocator grow: each admission after the cache fills frees a buffer of the same shape.
 
-    Keeping the blocks' own chunk outputs instead (no copy) was measured faster on small
-    blocks, but the long-lived chunks interleaved with each forward's temporaries fragmented
-    the heap: peak RSS grew to 2x the cache's live bytes (``benchmarks/engine.py``, memory).
+    Keeping the blocks' own chunk outputs instead (no copy) saves a copy per block forward,
+    but the long-lived chunks interleaved with each forward's temporaries fragmented the
+    heap: the first search's peak RSS growth went over the memory bound that
+    ``benchmarks/engine.py`` checks (about twice the cache's live bytes).
 
     Args:
         max_free: Free buffers kept per (shape, dtype, device); more are released.

@@ -218,7 +218,7 @@ class Engine:
                     keys,
                     self.cache,
                     root,
-                    lambda chain, parent: self._compute(level, chain, parent),
+                    lambda key, parent: self._compute(level, key, parent),
                     finish,
                     level.poison,
                     self._note_path,
@@ -289,7 +289,7 @@ class Engine:
 
         with torch.inference_mode(), self._autocast():
             root = self._root(level)
-            walk([key], self.cache, root, lambda c, p: self._compute(level, c, p), finish, level.poison)
+            walk([key], self.cache, root, lambda k, p: self._compute(level, k, p), finish, level.poison)
         if failure:
             raise ValueError(f"order {Order(key[1:])}: {failure[0]}")
         return found[0]
@@ -402,39 +402,22 @@ class Engine:
         self.stats.stem_seconds += time.perf_counter() - t0
         return level.root
 
-    def _compute(self, level: _Level, chain: list[Key], parent: Handle) -> list[Handle]:
-        """The activations of a chain of prefixes (each the parent of the next) from the
-        activation of the first one's parent.
-
-        With the bank's statistics each chunk runs through the whole chain before the next
-        chunk starts, as in a plain forward: the block reads an input it has just written
-        (in the CPU's caches) rather than one written a whole node ago. Target statistics
-        need every chunk of a position before any output, so they run block by block.
-        """
+    def _compute(self, level: _Level, key: Key, parent: Handle) -> Handle:
+        """The activation of prefix ``key`` from its parent's, written into a pooled buffer."""
         t0 = time.perf_counter()
         src = parent.chunks
         assert src is not None
-        shape = tuple(src[0].shape[1:])
-        handles = [self._new_handle(level, shape) for _ in chain]
+        handle = self._new_handle(level, tuple(src[0].shape[1:]))
+        out = handle.chunks
+        assert out is not None
         # block_at: banks with per-position statistics run the block bound to this position
-        blocks = [self._blocks[k[-1]] if self._blocks is not None else self.bank.block_at(k[-1], len(k) - 2)
-                  for k in chain]
-        if self.norm != "target":
-            outs = [h.chunks for h in handles]
-            for i, x in enumerate(src):
-                for block, out in zip(blocks, outs):
-                    x = out[i].copy_(block(x))  # type: ignore[index]
-        else:
-            for k, block, handle in zip(chain, blocks, handles):
-                out = handle.chunks
-                assert out is not None
-                self._forward(block, src, level, k[-1], k, lambda i, y, out=out: out[i].copy_(y))
-                src = out
+        block = self._blocks[key[-1]] if self._blocks is not None else self.bank.block_at(key[-1], len(key) - 2)
+        self._forward(block, src, level, key[-1], key, lambda i, y: out[i].copy_(y))
         st = self.stats
-        st.block_evals += len(chain)
-        st.image_block_evals += level.n * len(chain)
+        st.block_evals += 1
+        st.image_block_evals += level.n
         st.block_seconds += time.perf_counter() - t0
-        return handles
+        return handle
 
     def _outputs(self, level: _Level, key: Key, handle: Handle) -> torch.Tensor:
         """Pooled features or head logits (N, D) of prefix ``key``, float32 on the CPU."""

@@ -1,21 +1,20 @@
-"""glibc malloc settings under which freed activation chunks are reused, not given back.
+"""glibc malloc settings under which freed activation memory is reused, not given back.
 
-The engine keeps block outputs as they are (one tensor per chunk) and frees them when the
-cache evicts them. With glibc's defaults a freed block of a few MiB goes back to the
-operating system (the dynamic mmap threshold, then heap trimming), the heap grows again by
-one system call per new chunk, and each new chunk is faulted in page by page: on the
-isometric ResNet bank (1 MiB chunks) a cached block forward ran 1.09-1.2x slower than the same
-forward in a plain model, which frees its activations at once and so keeps reusing the same
-memory. Here the mmap threshold is raised (chunks up to 32 MiB come from the heap), the heap
-grows in steps of 64 MiB, and free memory at its top is kept up to the cache's budget, so an
-evicted chunk is reused by the next output of the same shape (``benchmarks/engine.py``
-reports the per-block ratio against the plain model).
+Every block forward allocates its temporaries and output around the cache's long-lived
+buffers. With glibc's defaults a freed block of a few MiB goes back to the operating system
+(the dynamic mmap threshold, then heap trimming), the heap grows again by one system call per
+new block, and each new block is faulted in page by page, so on small blocks a forward inside
+the engine ran measurably slower than the same forward in a plain model, which allocates in a
+small heap it keeps reusing (``benchmarks/engine.py`` reports the per-block ratio). Here the
+mmap threshold is raised (blocks up to 32 MiB come from the heap), the heap grows in steps of
+64 MiB, and free memory at its top is kept up to twice the largest cache budget of an engine
+created in the process, so freed memory is reused by the next allocation of the same size.
 
 The settings are process-wide, so they are applied only on Linux with glibc, and not when the
 user chose their own: ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``,
 ``MALLOC_TOP_PAD_`` or ``GLIBC_TUNABLES`` set in the environment, or
-``ORDERSEARCH_TUNE_MALLOC=0``. Memory freed this way stays with the process (up to the largest
-budget of an engine created in it) for the next chunks: it is not a leak, and RSS measures it.
+``ORDERSEARCH_TUNE_MALLOC=0``. Memory freed this way stays with the process for its next
+allocations: it is not a leak, though RSS counts it.
 """
 
 from __future__ import annotations

@@ -39,7 +39,7 @@ def walk(
     keys: list[Key],
     cache: PrefixCache,
     root: Handle,
-    compute: Callable[[list[Key], Handle], list[Handle]],
+    compute: Callable[[Key, Handle], Handle],
     finish: Callable[[Key, list[tuple[Key, Handle]] | None, str | None], Key | None],
     poison: dict[Key, str],
     path_bytes: Callable[[int], None] | None = None,
@@ -50,10 +50,7 @@ def walk(
         keys: Sorted distinct keys ``(level, b1, ..., bd)``; ``root`` is the key ``(level,)``.
         cache: Prefix cache, read and filled as the walk goes.
         root: The stem output.
-        compute: ``compute(chain, parent)`` returns the handles (refcount 0) of a chain of
-            keys, each the parent of the next, the first a child of ``parent``: the
-            missing part of one key's path, which the engine may run chunk by chunk through
-            all its blocks (as a plain forward does) rather than block by block.
+        compute: ``compute(key, parent)`` returns the child's handle (refcount 0).
         finish: Called once per key with the path that ends at it (``(key, handle)`` pairs
             from the root; a cached start skips its ancestors), or None and the reason the
             key is known to fail. It returns a prefix on that path that proved bad (checks
@@ -96,20 +93,17 @@ def walk(
                     hits += 1
                     break
             failed = None
-            chain: list[Key] = []
             for d in range(len(stack[-1][0]) + 1, len(key) + 1):
                 k = key[:d]
                 failed = poison.get(k)
                 if failed is not None:
                     break
-                chain.append(k)
-            if chain:
-                for k, out in zip(chain, compute(chain, stack[-1][1])):
-                    cache.admit(k, out)
-                    stack.append((k, out.acquire()))
-                    if path_bytes is not None:
-                        # held by the path alone (refcount 1): not admitted, or evicted since
-                        path_bytes(sum(h.nbytes for _, h in stack if h.refs == 1))
+                out = compute(k, stack[-1][1])
+                cache.admit(k, out)
+                stack.append((k, out.acquire()))
+                if path_bytes is not None:
+                    # held by the path alone (refcount 1): not admitted, or evicted since
+                    path_bytes(sum(h.nbytes for _, h in stack if h.refs == 1))
             bad = finish(key, None if failed else stack, failed)
             if bad is not None:
                 while len(stack) > 1 and len(stack[-1][0]) >= len(bad):
