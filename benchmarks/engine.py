@@ -415,6 +415,46 @@ def memory_rows(bank, data, batches, budget: int, batch_size: int) -> list[str]:
     return rows
 
 
+# --- malloc tuning -------------------------------------------------------------------------------
+
+
+def malloc_rows(quick: bool, threads: int | None) -> list[str]:
+    """The engine's per-block cost against naive's with and without its malloc settings: each
+    in a fresh process, since the settings are process-wide once applied."""
+    out = {}
+    for label, env in (("with", {}), ("without", {"ORDERSEARCH_TUNE_MALLOC": "0"})):
+        cmd = [sys.executable, __file__, "--malloc-only"] + (["--quick"] if quick else [])
+        cmd += ["--threads", str(threads)] if threads else []
+        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
+        if res.returncode:
+            return [f"\nMalloc comparison failed: {res.stderr.strip().splitlines()[-1:]}"]
+        out[label] = [float(v) for v in res.stdout.split()[-2:]]
+    return [f"\nglibc malloc settings (`ordersearch/engine/_malloc.py`; isoresnet8, evolution stream, a fresh "
+            f"process each, timed as above): engine s/block / naive {out['with'][0]:.2f} with them, "
+            f"{out['without'][0]:.2f} without (`ORDERSEARCH_TUNE_MALLOC=0`); speedup / block ratio "
+            f"{out['with'][1]:.2f} vs. {out['without'][1]:.2f}."]
+
+
+def malloc_main(quick: bool) -> None:
+    spec = BANKS["isoresnet8"]
+    bank = load_bank(spec.source, **spec.kwargs)
+    data = digits(128 if quick else 256, bank.data_config["input_size"])
+    _, batches = generate.load(HERE / "streams" / "isoresnet8_evolution.json")
+    batches = truncate(batches, 64 if quick else 256)
+    budget = int(0.25 * distinct_prefixes(all_orders(batches)) * len(data)
+                 * math.prod(bank.data_config["block_shape"]) * 4)
+    naive = Naive(bank, data, "probe", 64)
+    naive.score(bank.identity)
+    replay(Engine(bank, data, "probe", cache_bytes=budget, device="cpu", batch_size=64), batches, True)
+    gc.collect()
+    naive.block_seconds, naive.blocks = 0.0, 0
+    engine = Engine(bank, data, "probe", cache_bytes=budget, device="cpu", batch_size=64)
+    _, et, _, nt = run_paired(engine, naive, batches)
+    st = engine.stats
+    per_block = (st.block_seconds / st.block_evals) / (naive.block_seconds / naive.blocks)
+    print(per_block, (nt / et) / (st.naive_block_evals / st.block_evals))
+
+
 # --- fidelity -----------------------------------------------------------------------------------
 
 
@@ -517,11 +557,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--device", default="cpu", help="where the timed runs go (cpu, cuda); counts use the CPU")
     p.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     p.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--malloc-only", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_only:
         memory_main(args.quick)
+        return
+    if args.malloc_only:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        malloc_main(args.quick)
         return
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     cuda = torch.device(args.device).type == "cuda"
@@ -568,6 +613,10 @@ def main(argv: list[str] | None = None) -> None:
             mem = [] if cuda else memory_subprocess(args.quick, args.threads)
             mem_ok = None if cuda else any("(ok)" in r for r in mem) and not any("(over)" in r for r in mem)
             rows = mem + bf16_rows(name, bank, data, evo, budget, bs, args.device)
+            lines += rows
+            print("\n".join(rows), flush=True)
+        if name == "isoresnet8" and not cuda:
+            rows = malloc_rows(args.quick, args.threads)
             lines += rows
             print("\n".join(rows), flush=True)
     load_end = os.getloadavg()[0]
