@@ -91,6 +91,11 @@ class IsoBlock(nn.Module):
         h = self.conv1(self.act(self.norm1(x)))
         return x + self.conv2(self.act(self.norm2(h)))
 
+    def forward_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``forward(x)`` written into ``out`` (the engine's cache buffer: no copy)."""
+        h = self.conv1(self.act(self.norm1(x)))
+        return torch.add(x, self.conv2(self.act(self.norm2(h))), out=out)
+
 
 class IsoResNet(nn.Module):
     """Isometric ResNet: ``head(blocks[K-1](...blocks[0](stem(x))))``.

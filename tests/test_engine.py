@@ -424,3 +424,23 @@ def test_malloc_tuning_keeps_the_largest_budget(monkeypatch):
     assert _malloc.tune_malloc(2**30) is True and _malloc._trim == 2**30
     assert _malloc.tune_malloc(2**20) is True and _malloc._trim == 2**30  # never lowered
     assert _malloc.tune_malloc(2**40) is True and _malloc._trim == 2**31 - 1  # mallopt takes an int
+
+
+def test_blocks_that_write_into_the_cache_buffer_skip_the_copy(banks, data, monkeypatch):
+    from ordersearch.isoresnet import IsoBlock
+
+    bank, evalset = banks["isoresnet"], data["isoresnet"]
+    calls = []
+    into = IsoBlock.forward_into
+
+    def counting(self, x, out):
+        calls.append(out.data_ptr())
+        return into(self, x, out)
+
+    monkeypatch.setattr(IsoBlock, "forward_into", counting)
+    engine = Engine(bank, evalset, "head", cache_bytes=2**26, batch_size=32, dtype=torch.float32)
+    order = Order([1, 0, 2])
+    assert torch.equal(engine.outputs(order), _reference_outputs(bank, evalset, order, "logits", 32, "source"))
+    assert len(calls) == 3 * math.ceil(len(evalset) / 32)  # every chunk of every block
+    spans = [(t.data_ptr(), t.data_ptr() + t.nbytes) for t in engine.cache_tensors()]
+    assert len(spans) == 3 and all(any(a <= p < b for a, b in spans) for p in calls)  # into cached buffers

@@ -210,6 +210,11 @@ class PositionalIsoBlock(IsoBlock):
         h = self.conv1(self.act(self.norm1(x, slot)))
         return x + self.conv2(self.act(self.norm2(h, slot)))
 
+    def forward_into(self, x: torch.Tensor, out: torch.Tensor, slot: int = 0) -> torch.Tensor:
+        """``forward(x, slot)`` written into ``out`` (the engine's cache buffer: no copy)."""
+        h = self.conv1(self.act(self.norm1(x, slot)))
+        return torch.add(x, self.conv2(self.act(self.norm2(h, slot))), out=out)
+
 
 class BlockAt(nn.Module):
     """A block bound to one statistics slot: what ``bank.block_at(block, position)`` returns."""
@@ -221,6 +226,9 @@ class BlockAt(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.block(x, self.slot)
+
+    def forward_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return self.block.forward_into(x, out, self.slot)
 
     def extra_repr(self) -> str:
         return f"slot={self.slot}"

@@ -403,7 +403,9 @@ class Engine:
         return level.root
 
     def _compute(self, level: _Level, key: Key, parent: Handle) -> Handle:
-        """The activation of prefix ``key`` from its parent's, written into a pooled buffer."""
+        """The activation of prefix ``key`` from its parent's, written into a pooled buffer:
+        by the block itself when it defines ``forward_into(x, out)`` (the isoresnet and
+        compositional blocks do; fp32 with the bank's statistics), else copied in."""
         t0 = time.perf_counter()
         src = parent.chunks
         assert src is not None
@@ -412,7 +414,12 @@ class Engine:
         assert out is not None
         # block_at: banks with per-position statistics run the block bound to this position
         block = self._blocks[key[-1]] if self._blocks is not None else self.bank.block_at(key[-1], len(key) - 2)
-        self._forward(block, src, level, key[-1], key, lambda i, y: out[i].copy_(y))
+        into = getattr(block, "forward_into", None)
+        if into is not None and self.norm != "target" and self.dtype == torch.float32:
+            for x, y in zip(src, out):  # the block writes into the cache's buffer: no copy
+                into(x, y)
+        else:
+            self._forward(block, src, level, key[-1], key, lambda i, y: out[i].copy_(y))
         st = self.stats
         st.block_evals += 1
         st.image_block_evals += level.n
