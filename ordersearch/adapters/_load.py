@@ -32,8 +32,9 @@ def register_source(
 
     Args:
         scheme: Text before the colon (``isoresnet``, ``timm`` are built in).
-        build: ``build(source_text, **model_kwargs) -> nn.Module`` with random weights; the
-            caller seeds the RNG and loads checkpoints.
+        build: ``build(source_text) -> nn.Module`` with random weights; the caller seeds the
+            RNG and loads checkpoints. Such sources take all their settings in the text, so
+            :func:`load_bank` refuses ``model_kwargs`` for them.
         canonical: ``canonical(model) -> source text`` that rebuilds ``model`` exactly.
         example: Source text shown in error messages (default ``<scheme>:...``).
     """
@@ -145,7 +146,10 @@ def build_source_model(
     if scheme in _SOURCES:
         if pretrained:
             raise BankError(f"{scheme} has no pretrained weights; pass checkpoint= or train one")
-        model = _SOURCES[scheme][0](source, **model_kwargs)
+        build, _, example = _SOURCES[scheme]
+        if model_kwargs:
+            raise BankError(f"{scheme} takes its settings in the source text, e.g. {example}")
+        model = build(source)
         if checkpoint is not None:
             _load_weights(model, Path(checkpoint))
         return model.eval()

@@ -353,19 +353,14 @@ def _build(model: CompositionalNet) -> dict[str, Any]:
     }
 
 
-def _build_source(source: str, **model_kwargs: Any) -> CompositionalNet:
-    if model_kwargs:
-        raise BankError("compositional sources take their settings in the text, e.g. compositional:width=16,blocks=4")
-    return CompositionalNet(parse_compositional_source(source))
-
-
 register_adapter(
     "compositional",
     lambda m: isinstance(m, CompositionalNet),
     _build,
     description="multi-task compositional network trained by ordersearch.train (per-position statistics)",
 )
-register_source("compositional", _build_source, lambda m: m.config.source())
+register_source("compositional", lambda s: CompositionalNet(parse_compositional_source(s)),
+                lambda m: m.config.source(), example="compositional:width=16,blocks=4")
 
 
 def task_bank(bank: Any, task: int | str) -> Any:

@@ -7,7 +7,6 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import BankError
 from ..isoresnet import IsoResNet, IsoResNetConfig, parse_isoresnet_source
 from ._load import register_source
 from ._parts import Part
@@ -43,17 +42,11 @@ def _build(model: IsoResNet) -> dict[str, Any]:
     }
 
 
-def _build_source(source: str, **model_kwargs: Any) -> IsoResNet:
-    if model_kwargs:
-        raise BankError("isoresnet takes its settings in the source text, e.g. isoresnet:width=32,blocks=6")
-    return IsoResNet(parse_isoresnet_source(source))
-
-
 register_adapter(
     "isoresnet",
     lambda m: isinstance(m, IsoResNet),
     _build,
     description="ordersearch's isometric ResNet (the paper's architecture)",
 )
-register_source("isoresnet", _build_source, lambda m: m.config.source(),
+register_source("isoresnet", lambda s: IsoResNet(parse_isoresnet_source(s)), lambda m: m.config.source(),
                 example="isoresnet:width=..,blocks=..,classes=..")
