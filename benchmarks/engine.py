@@ -364,14 +364,21 @@ def _reset_peak() -> bool:
         return False
 
 
+def run_self(flag: str, quick: bool, threads: int | None, env: dict[str, str] | None = None) -> tuple[str, str | None]:
+    """Run this benchmark with ``flag`` in a fresh process; its stdout, and the last line of
+    its stderr if it failed."""
+    cmd = [sys.executable, __file__, flag] + (["--quick"] if quick else [])
+    cmd += ["--threads", str(threads)] if threads else []
+    res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    return res.stdout, (res.stderr.strip().splitlines() or ["?"])[-1] if res.returncode else None
+
+
 def memory_subprocess(quick: bool, threads: int | None) -> list[str]:
     """Memory is measured in a fresh process: freed pages of earlier runs would hide growth."""
-    cmd = [sys.executable, __file__, "--memory-only"] + (["--quick"] if quick else [])
-    cmd += ["--threads", str(threads)] if threads else []
-    res = subprocess.run(cmd, capture_output=True, text=True)
-    if res.returncode:
-        return [f"\nMemory measurement failed: {res.stderr.strip().splitlines()[-1:]}"]
-    return res.stdout.rstrip("\n").split("\n")
+    out, failed = run_self("--memory-only", quick, threads)
+    if failed:
+        return [f"\nMemory measurement failed: {failed}"]
+    return out.rstrip("\n").split("\n")
 
 
 def memory_main(quick: bool) -> None:
@@ -423,12 +430,10 @@ def malloc_rows(quick: bool, threads: int | None) -> list[str]:
     in a fresh process, since the settings are process-wide once applied."""
     out = {}
     for label, env in (("with", {}), ("without", {"ORDERSEARCH_TUNE_MALLOC": "0"})):
-        cmd = [sys.executable, __file__, "--malloc-only"] + (["--quick"] if quick else [])
-        cmd += ["--threads", str(threads)] if threads else []
-        res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **env})
-        if res.returncode:
-            return [f"\nMalloc comparison failed: {res.stderr.strip().splitlines()[-1:]}"]
-        out[label] = [float(v) for v in res.stdout.split()[-2:]]
+        stdout, failed = run_self("--malloc-only", quick, threads, env)
+        if failed:
+            return [f"\nMalloc comparison failed: {failed}"]
+        out[label] = [float(v) for v in stdout.split()[-2:]]
     return [f"\nglibc malloc settings (`ordersearch/engine/_malloc.py`; isoresnet8, evolution stream, a fresh "
             f"process each, timed as above): engine s/block / naive {out['with'][0]:.2f} with them, "
             f"{out['without'][0]:.2f} without (`ORDERSEARCH_TUNE_MALLOC=0`); speedup / block ratio "
