@@ -31,7 +31,7 @@ from ..order import Order
 from ._cache import BufferPool, CachePolicy, Handle, Key, PrefixCache
 from ._malloc import tune_malloc
 from ._norm import BNStats, batchnorm_modules, run_with_target_stats
-from ._trie import prefixes, walk
+from ._trie import Bad, prefixes, walk
 from ._types import EngineStats, Score
 from .objectives import Objective, get_objective
 
@@ -201,18 +201,17 @@ class Engine:
 
                 by_ids = {o.ids: o for o in parsed}
 
-                def finish(key: Key, path: list[tuple[Key, Handle]] | None, failed: str | None) -> Key | None:
+                def finish(key: Key, path: list[tuple[Key, Handle]] | None, failed: str | None) -> Bad:
                     order = by_ids[key[1:]]
                     if path is None:
                         results[order.ids] = self._failed(order, level, failed or "failed")
                         return None
-                    outputs = self._outputs(level, key, path[-1][1])
-                    bad = self._diagnose(level, outputs, path)
-                    if bad is not None:
-                        results[order.ids] = self._failed(order, level, bad[1])
-                        return bad[0]
-                    results[order.ids] = self._score(level, order, outputs)
-                    return None
+                    outputs, reason, bad = self._checked_outputs(level, key, path)
+                    if reason is not None:
+                        results[order.ids] = self._failed(order, level, reason)
+                    else:
+                        results[order.ids] = self._score(level, order, outputs)
+                    return bad
 
                 st.cache_hits += walk(
                     keys,
@@ -276,16 +275,15 @@ class Engine:
         found: list[torch.Tensor] = []
         failure: list[str] = []
 
-        def finish(k: Key, path: list[tuple[Key, Handle]] | None, failed: str | None) -> Key | None:
+        def finish(k: Key, path: list[tuple[Key, Handle]] | None, failed: str | None) -> Bad:
             if path is None:
                 failure.append(failed or "failed")
                 return None
-            found.append(self._outputs(level, k, path[-1][1]))
-            bad = self._diagnose(level, found[-1], path)
-            if bad is not None:
-                failure.append(bad[1])
-                return bad[0]
-            return None
+            outputs, reason, bad = self._checked_outputs(level, k, path)
+            found.append(outputs)
+            if reason is not None:
+                failure.append(reason)
+            return bad
 
         with torch.inference_mode(), self._autocast():
             root = self._root(level)
@@ -436,24 +434,24 @@ class Engine:
         self.stats.output_seconds += time.perf_counter() - t0
         return outputs
 
-    def _diagnose(
-        self, level: _Level, outputs: torch.Tensor, path: list[tuple[Key, Handle]]
-    ) -> tuple[Key | None, str] | None:
-        """None if ``outputs`` are finite. Else why not, and the first prefix on ``path`` whose
-        activation is not finite (poisoned here, so no order extends it again), or None when
-        the stem output is not finite or every activation is and the tail made it so."""
+    def _checked_outputs(
+        self, level: _Level, key: Key, path: list[tuple[Key, Handle]]
+    ) -> tuple[torch.Tensor, str | None, Bad]:
+        """The outputs of ``path``'s end; if they are not finite, why, and the first prefix on
+        ``path`` whose activation is not (for the walk to poison), unless that is the stem
+        output or every activation is finite and the tail made them so."""
+        outputs = self._outputs(level, key, path[-1][1])
         # a sum of finite outputs overflows only near 1e38: confirm with the exact test
         if not self.check_finite or math.isfinite(outputs.sum().item()) or bool(torch.isfinite(outputs).all()):
-            return None
-        for key, handle in path:
+            return outputs, None, None
+        for k, handle in path:
             if not all(bool(torch.isfinite(c).all()) for c in handle.chunks or ()):
-                if len(key) == 1:
-                    return None, "non-finite stem output (are the images finite?)"
-                reason = f"non-finite activation after block {key[-1]} at position {len(key) - 2}"
-                level.poison[key] = reason
-                log.debug("order prefix %s failed: %s", Order(key[1:]), reason)
-                return key, reason
-        return None, f"non-finite {self.objective.output}"
+                if len(k) == 1:
+                    return outputs, "non-finite stem output (are the images finite?)", None
+                reason = f"non-finite activation after block {k[-1]} at position {len(k) - 2}"
+                log.debug("order prefix %s failed: %s", Order(k[1:]), reason)
+                return outputs, reason, (k, reason)
+        return outputs, f"non-finite {self.objective.output}", None
 
     def _score(self, level: _Level, order: Order, outputs: torch.Tensor) -> Score:
         t1 = time.perf_counter()

@@ -18,7 +18,10 @@ from collections.abc import Callable, Iterable, Iterator
 
 from ._cache import Handle, Key, PrefixCache
 
-__all__ = ["count_distinct_prefixes", "prefixes", "walk"]
+__all__ = ["Bad", "count_distinct_prefixes", "prefixes", "walk"]
+
+#: A prefix whose activation proved bad, and why (what ``finish`` may return to the walk).
+Bad = tuple[Key, str] | None
 
 
 def prefixes(ids: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
@@ -40,7 +43,7 @@ def walk(
     cache: PrefixCache,
     root: Handle,
     compute: Callable[[Key, Handle], Handle],
-    finish: Callable[[Key, list[tuple[Key, Handle]] | None, str | None], Key | None],
+    finish: Callable[[Key, list[tuple[Key, Handle]] | None, str | None], Bad],
     poison: dict[Key, str],
     path_bytes: Callable[[int], None] | None = None,
 ) -> int:
@@ -54,10 +57,10 @@ def walk(
         finish: Called once per key with the path that ends at it (``(key, handle)`` pairs
             from the root; a cached start skips its ancestors), or None and the reason the
             key is known to fail. It returns a prefix on that path that proved bad (checks
-            run on the outputs, not after every block) or None; the walk drops that prefix
-            and its descendants from the path and the cache, and ``finish`` has poisoned it,
-            so no later key extends it.
-        poison: Failure reasons of prefixes known to fail (read; ``finish`` extends it).
+            run on the outputs, not after every block) and why, or None; the walk poisons
+            that prefix and drops it and its descendants from the path and the cache, so no
+            later key extends it.
+        poison: Failure reasons of prefixes known to fail (read and extended).
         path_bytes: Called with the bytes held by the path outside the cache after each push.
     """
     # A cached node that a later order of this walk starts from is pinned until that order
@@ -106,7 +109,8 @@ def walk(
                     path_bytes(sum(h.nbytes for _, h in stack if h.refs == 1))
             bad = finish(key, None if failed else stack, failed)
             if bad is not None:
-                while len(stack) > 1 and len(stack[-1][0]) >= len(bad):
+                poison[bad[0]] = bad[1]
+                while len(stack) > 1 and len(stack[-1][0]) >= len(bad[0]):
                     k, h = stack.pop()
                     cache.discard(k)
                     h.release()
