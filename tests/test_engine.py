@@ -250,6 +250,29 @@ def test_nan_candidate_fails_without_killing_the_batch(data):
     assert not again.ok and "after block 2 at position 1" in again.failed and engine.stats.block_evals == 7
 
 
+def test_an_objective_that_raises_fails_only_that_candidate(banks, data):
+    """Candidates are scored together after their block forwards; when that batch raises,
+    each is scored alone, so only the candidate that raises fails, with the reason."""
+    probe = get_objective("probe")
+
+    class Picky(type(probe)):
+        name = "picky"
+
+        def score_many(self, outputs, evalset, state):
+            if any(float(o.abs().sum()) == bad_sum for o in outputs):
+                raise torch.linalg.LinAlgError("singular")
+            return super().score_many(outputs, evalset, state)
+
+    bank, evalset = banks["isoresnet"], data["isoresnet"]
+    bad_sum = float(Engine(bank, evalset, "probe").outputs("1-2").abs().sum())
+    engine = Engine(bank, evalset, Picky(), cache_bytes=2**26)
+    scores = engine.evaluate(["0-1", "1-2", "3"])
+    assert [s.ok for s in scores] == [True, False, True]
+    assert scores[1].failed == "objective picky raised LinAlgError: singular"
+    assert scores[0].value == _reference_score(bank, evalset, Order([0, 1]), "probe")
+    assert scores[2].value == _reference_score(bank, evalset, Order([3]), "probe")
+
+
 def test_non_finite_images_fail_every_candidate_with_the_stem_named(banks, data):
     bank, evalset = banks["isoresnet"], data["isoresnet"]
     x = evalset.x.clone()

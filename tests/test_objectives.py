@@ -76,6 +76,36 @@ def test_probe_leave_one_out_matches_refitting(digits):
     assert metrics["loo_accuracy"] == pytest.approx(hits / len(z))
 
 
+@pytest.mark.parametrize("n_features", [8, 64, 200])  # fewer features than images, as many, more
+def test_probe_scores_each_candidate_of_a_batch_as_alone(digits, n_features):
+    """score_many gives what score gives each candidate, whichever of the two Gram matrices
+    (features x features or images x images) the probe decomposes, with constant features."""
+    g = torch.Generator().manual_seed(1)
+    proj = torch.randn(64, n_features, generator=g)
+    outputs = [digits.x @ proj * (k + 1) + torch.randn(len(digits), n_features, generator=g) * k for k in range(4)]
+    outputs[3][:, :2] = 3.0  # constant features: no variance, no part in the fit
+    probe = Probe()
+    state = probe.prepare(digits)
+    alone = [probe.score(o, digits, state) for o in outputs]
+    assert probe.score_many(outputs, digits, state) == alone
+    assert alone[0][0] > 0.5 and alone[3][0] > 0.3  # chance is 0.1
+
+
+def test_probe_val_accuracy_matches_sklearn_ridge(digits):
+    from sklearn.linear_model import Ridge
+
+    for n_features in (16, 64):
+        x = digits.x[:, :n_features]
+        acc, metrics = Probe(alphas=(0.1,)).score(x, digits, Probe(alphas=(0.1,)).prepare(digits))
+        xtr = x[digits.train_idx].double()
+        mu, sd = xtr.mean(0), xtr.std(0, correction=0)
+        sd = torch.where(sd > 0, sd, 1)
+        y = digits.y[digits.train_idx].numpy()
+        r = Ridge(alpha=0.1 * len(xtr)).fit(((xtr - mu) / sd).numpy(), np.eye(10)[y])
+        pred = r.predict(((x[digits.val_idx].double() - mu) / sd).numpy()).argmax(1)
+        assert acc == pytest.approx(float((pred == digits.y[digits.val_idx].numpy()).mean()))
+
+
 def test_probe_is_invariant_to_feature_scale(digits):
     a, _ = _score("probe", digits.x, digits)
     b, _ = _score("probe", 1000 * digits.x + 5, digits)

@@ -41,6 +41,8 @@ log = logging.getLogger("ordersearch")
 
 _MEMO_SIZE = 1 << 16
 _STATS_SIZE = 1 << 17
+_SCORE_BATCH = 64  # candidates scored in one objective call, at most
+_SCORE_BYTES = 32 * 2**20  # and their outputs' bytes
 
 
 class _Level:
@@ -200,8 +202,19 @@ class Engine:
                 keys = sorted((level.index, *ids) for ids in todo)
 
                 by_ids = {o.ids: o for o in parsed}
+                # scored together once their block forwards are done: the objective batches its
+                # small operations, and the block forwards run back to back
+                pending: list[tuple[Order, torch.Tensor]] = []
+                pending_bytes = 0
+
+                def score_pending() -> None:
+                    nonlocal pending_bytes
+                    results.update((s.order.ids, s) for s in self._score_many(level, pending))
+                    pending.clear()
+                    pending_bytes = 0
 
                 def finish(key: Key, path: list[tuple[Key, Handle]] | None, failed: str | None) -> Bad:
+                    nonlocal pending_bytes
                     order = by_ids[key[1:]]
                     if path is None:
                         results[order.ids] = self._failed(order, level, failed or "failed")
@@ -210,7 +223,10 @@ class Engine:
                     if reason is not None:
                         results[order.ids] = self._failed(order, level, reason)
                     else:
-                        results[order.ids] = self._score(level, order, outputs)
+                        pending.append((order, outputs))
+                        pending_bytes += outputs.nbytes
+                        if len(pending) >= _SCORE_BATCH or pending_bytes >= _SCORE_BYTES:
+                            score_pending()
                     return bad
 
                 st.cache_hits += walk(
@@ -222,6 +238,8 @@ class Engine:
                     level.poison,
                     self._note_path,
                 )
+                if pending:
+                    score_pending()
             if self.memo:
                 level.memo.update(results)
                 while len(level.memo) > _MEMO_SIZE:
@@ -453,18 +471,26 @@ class Engine:
                 return outputs, reason, (k, reason)
         return outputs, f"non-finite {self.objective.output}", None
 
-    def _score(self, level: _Level, order: Order, outputs: torch.Tensor) -> Score:
+    def _score_many(self, level: _Level, pending: list[tuple[Order, torch.Tensor]]) -> list[Score]:
+        """Scores of candidates whose outputs are finite; a candidate whose scoring raises or
+        returns a non-finite value fails with the reason (a batch that raises is scored one
+        by one to find which)."""
         t1 = time.perf_counter()
         try:
-            value, metrics = self.objective.score(outputs, level.evalset, level.state)
+            scored = self.objective.score_many([o for _, o in pending], level.evalset, level.state)
         except (RuntimeError, torch.linalg.LinAlgError) as exc:
-            reason = f"objective {self.objective.name} raised {type(exc).__name__}: {exc}"
             self.stats.objective_seconds += time.perf_counter() - t1
-            return self._failed(order, level, reason)
+            if len(pending) > 1:
+                return [s for p in pending for s in self._score_many(level, [p])]
+            reason = f"objective {self.objective.name} raised {type(exc).__name__.lstrip('_')}: {exc}"
+            return [self._failed(pending[0][0], level, reason)]
         self.stats.objective_seconds += time.perf_counter() - t1
-        if not math.isfinite(value):
-            return self._failed(order, level, f"objective {self.objective.name} returned {value}")
-        return Score(order, float(value), metrics, None, level.n)
+        return [
+            Score(order, float(value), metrics, None, level.n)
+            if math.isfinite(value)
+            else self._failed(order, level, f"objective {self.objective.name} returned {value}")
+            for (order, _), (value, metrics) in zip(pending, scored)
+        ]
 
     def _failed(self, order: Order, level: _Level, reason: str) -> Score:
         return Score(order, math.nan, {}, reason, level.n)
