@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import heapq
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 
@@ -33,8 +33,9 @@ Key = tuple[int, ...]
 
 
 class BufferPool:
-    """Free activation buffers by shape, reused so that a steady-state search does not make
-    the allocator grow: each admission after the cache fills frees a buffer of the same shape.
+    """Free activation buffers by key, reused so that a steady-state search does not make the
+    allocator grow: each admission after the cache fills frees a buffer of the same shape.
+    A buffer is kept with its chunk views, so reusing it makes no new tensors.
 
     Keeping the blocks' own chunk outputs instead (no copy) saves a copy per block forward,
     but the long-lived chunks interleaved with each forward's temporaries fragmented the
@@ -42,33 +43,41 @@ class BufferPool:
     ``benchmarks/engine.py`` checks (about twice the cache's live bytes).
 
     Args:
-        max_free: Free buffers kept per (shape, dtype, device); more are released.
+        max_free: Free buffers kept per key; more are released.
     """
 
     def __init__(self, *, max_free: int = 4) -> None:
         self.max_free = max_free
-        self._free: dict[tuple, list[torch.Tensor]] = {}
+        self._free: dict[object, list[Handle]] = {}
         self.free_bytes = 0
         self.allocated = 0
         self.reused = 0
 
-    def take(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        free = self._free.get((shape, dtype, device))
+    def take(self, key: object, make: Callable[[], tuple[torch.Tensor, list[torch.Tensor]]]) -> Handle:
+        """A handle (refcount 0) on a free buffer of ``key`` (whatever determines the buffer's
+        shape, dtype, device and chunks), or on ``make()``'s new buffer and its chunk views."""
+        free = self._free.get(key)
         if free:
             self.reused += 1
-            t = free.pop()
-            self.free_bytes -= t.nbytes
-            return t
+            h = free.pop()
+            self.free_bytes -= h.nbytes
+            h.chunks, h._buffer = h._views
+            return h
         self.allocated += 1
-        return torch.empty(shape, dtype=dtype, device=device)
+        return Handle(*make(), self, key)
 
-    def give(self, t: torch.Tensor) -> None:
-        free = self._free.setdefault((tuple(t.shape), t.dtype, t.device), [])
+    def give(self, handle: Handle) -> None:
+        free = self._free.setdefault(handle._key, [])
         if len(free) < self.max_free:
-            free.append(t)
-            self.free_bytes += t.nbytes
+            free.append(handle)
+            self.free_bytes += handle.nbytes
+        else:
+            handle._views = (None, None)
 
     def clear(self) -> None:
+        for free in self._free.values():
+            for h in free:
+                h._views = (None, None)
         self._free.clear()
         self.free_bytes = 0
 
@@ -76,16 +85,20 @@ class BufferPool:
 class Handle:
     """A prefix activation, as one view per EvalSet chunk of a pooled buffer, shared by the
     cache and the walk's path and reference counted so that the buffer returns to the pool
-    exactly when neither holds it."""
+    exactly when neither holds it (the pool then hands this object out again)."""
 
-    __slots__ = ("chunks", "nbytes", "refs", "_buffer", "_pool")
+    __slots__ = ("chunks", "nbytes", "refs", "_buffer", "_pool", "_key", "_views")
 
-    def __init__(self, buffer: torch.Tensor, chunks: list[torch.Tensor], pool: BufferPool | None = None) -> None:
+    def __init__(
+        self, buffer: torch.Tensor, chunks: list[torch.Tensor], pool: BufferPool | None = None, key: object = None
+    ) -> None:
         self.chunks: list[torch.Tensor] | None = chunks
         self.nbytes = buffer.nbytes
         self.refs = 0
         self._buffer: torch.Tensor | None = buffer
         self._pool = pool
+        self._key = key
+        self._views: tuple = (chunks, buffer) if pool is not None else (None, None)
 
     def acquire(self) -> Handle:
         self.refs += 1
@@ -94,9 +107,9 @@ class Handle:
     def release(self) -> None:
         self.refs -= 1
         if self.refs == 0 and self._buffer is not None:
-            if self._pool is not None:
-                self._pool.give(self._buffer)
             self.chunks = self._buffer = None
+            if self._pool is not None:
+                self._pool.give(self)
 
 
 class _Entry:

@@ -392,8 +392,11 @@ class Engine:
             level.bn_stats.move_to_end(stats_key)
 
     def _new_handle(self, level: _Level, shape: tuple[int, ...]) -> Handle:
-        buffer = self.pool.take((level.n, *shape), self.dtype, self.device)
-        return Handle(buffer, [buffer[s] for s in level.slices], self.pool)
+        def make() -> tuple[torch.Tensor, list[torch.Tensor]]:
+            buffer = torch.empty((level.n, *shape), dtype=self.dtype, device=self.device)
+            return buffer, [buffer[s] for s in level.slices]
+
+        return self.pool.take((level.n, shape), make)  # the level's size fixes its chunks
 
     def _root(self, level: _Level) -> Handle:
         """The stem output of ``level``'s images, computed once."""
