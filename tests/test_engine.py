@@ -264,8 +264,8 @@ def test_an_objective_that_raises_fails_only_that_candidate(banks, data):
             return super().score_many(outputs, evalset, state)
 
     bank, evalset = banks["isoresnet"], data["isoresnet"]
-    bad_sum = float(Engine(bank, evalset, "probe").outputs("1-2").abs().sum())
-    engine = Engine(bank, evalset, Picky(), cache_bytes=2**26)
+    bad_sum = float(Engine(bank, evalset, "probe", dtype=torch.float32).outputs("1-2").abs().sum())
+    engine = Engine(bank, evalset, Picky(), cache_bytes=2**26, dtype=torch.float32)
     scores = engine.evaluate(["0-1", "1-2", "3"])
     assert [s.ok for s in scores] == [True, False, True]
     assert scores[1].failed == "objective picky raised LinAlgError: singular"
