@@ -229,6 +229,11 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._entries)
 
+    @property
+    def entries(self) -> dict[Key, object]:
+        """The cached keys (a read-only view in spirit: for fast membership tests)."""
+        return self._entries
+
     def keys(self) -> list[Key]:
         return list(self._entries)
 
@@ -246,8 +251,9 @@ class PrefixCache:
 
     def recompute_cost(self, key: Key) -> int:
         """Block forwards that rebuild ``key`` from its nearest cached ancestor or the stem."""
+        entries = self._entries
         for j in range(len(key) - 1, 1, -1):
-            if key[:j] in self._entries:
+            if key[:j] in entries:
                 return len(key) - j
         return len(key) - 1
 
@@ -328,12 +334,14 @@ class PrefixCache:
         return True
 
     def _evict_one(self) -> bool:
-        while self._heap:
-            _, _, seq, key = heapq.heappop(self._heap)
-            entry = self._entries.get(key)
+        heap, entries, pop = self._heap, self._entries, heapq.heappop
+        parents = self._n_children if self.policy.leaves_only else ()
+        while heap:
+            _, _, seq, key = pop(heap)
+            entry = entries.get(key)
             if entry is None or entry.version != seq:
                 continue  # stale heap item
-            if not self._evictable(entry):
+            if entry.pins or key in parents:  # (keys with cached children; leaves-only policies)
                 entry.queued = False  # re-queued when it is unpinned or loses its children
                 continue
             self._remove(entry)

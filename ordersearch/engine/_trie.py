@@ -64,13 +64,16 @@ def walk(
         path_bytes: Called with the bytes held by the path outside the cache after each push.
     """
     # A cached node that a later order of this walk starts from is pinned until that order
-    # is done, so the walk never pays for a prefix that was cached when it began.
+    # is done, so the walk never pays for a prefix that was cached when it began. It is also
+    # the only cached prefix the walk needs to look for: a prefix cached by the walk itself
+    # is still on the path when a later key extends it (sorted keys sharing it are adjacent).
+    cached = cache.entries
     pinned: dict[Key, int] = {}
     start_of: list[Key | None] = []
     for key in keys:
         start = None
         for d in range(len(key), 1, -1):
-            if key[:d] in cache:
+            if key[:d] in cached:
                 start = key[:d]
                 break
         start_of.append(start)
@@ -88,13 +91,9 @@ def walk(
                 if key[: len(top)] == top:
                     break
                 stack.pop()[1].release()
-            depth = len(stack[-1][0])
-            for d in range(len(key), depth, -1):
-                k = key[:d]
-                if k in cache:
-                    stack.append((k, cache.hit(k).acquire()))
-                    hits += 1
-                    break
+            if start is not None and len(start) > len(stack[-1][0]):
+                stack.append((start, cache.hit(start).acquire()))
+                hits += 1
             failed = None
             for d in range(len(stack[-1][0]) + 1, len(key) + 1):
                 k = key[:d]
@@ -106,7 +105,7 @@ def walk(
                 stack.append((k, out.acquire()))
                 if path_bytes is not None:
                     # held by the path alone (refcount 1): not admitted, or evicted since
-                    path_bytes(sum(h.nbytes for _, h in stack if h.refs == 1))
+                    path_bytes(sum([h.nbytes for _, h in stack if h.refs == 1]))
             bad = finish(key, None if failed else stack, failed)
             if bad is not None:
                 poison[bad[0]] = bad[1]
