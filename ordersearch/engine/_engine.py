@@ -448,13 +448,10 @@ class Engine:
     def _outputs(self, level: _Level, key: Key, handle: Handle) -> torch.Tensor:
         """Pooled features or head logits (N, D) of prefix ``key``, float32 on the CPU."""
         t0 = time.perf_counter()
-        assert handle.chunks is not None and handle._buffer is not None
-        if self.norm != "target":  # the tail is per image: one call over the whole buffer
-            outputs = self._tail(handle._buffer).float().to("cpu")
-        else:
-            parts: list[torch.Tensor] = [handle.chunks[0]] * len(handle.chunks)
-            self._forward(self._tail, handle.chunks, level, "tail", ("tail", key), parts.__setitem__)
-            outputs = torch.cat([p.float() for p in parts]).to("cpu")
+        assert handle.chunks is not None
+        parts: list[torch.Tensor] = [handle.chunks[0]] * len(handle.chunks)
+        self._forward(self._tail, handle.chunks, level, "tail", ("tail", key), parts.__setitem__)
+        outputs = torch.cat([p.float() for p in parts]).to("cpu")
         self.stats.output_seconds += time.perf_counter() - t0
         return outputs
 
