@@ -391,8 +391,11 @@ def test_cuda_scores_equal_cpu_scores_in_float32(banks, data):
     bank, evalset = copy.deepcopy(banks["vit"]), data["vit"]
     orders = _random_orders(bank.n_blocks, 8, seed=10)
     cpu = Engine(copy.deepcopy(bank), evalset, "probe", device="cpu").evaluate(orders)
-    gpu = Engine(bank, evalset, "probe", device="cuda", dtype=torch.float32).evaluate(orders)
+    engine = Engine(bank, evalset, "probe", device="cuda", dtype=torch.float32)
+    gpu = engine.evaluate(orders)
     assert [s.value for s in gpu] == pytest.approx([s.value for s in cpu], abs=0.02)
+    # block time is the GPU's (CUDA events), within the wall-clock time of the calls
+    assert 0 < engine.stats.block_seconds < engine.stats.total_seconds
     bf16 = Engine(bank, evalset, "probe", device="cuda").evaluate(orders)
     assert all(s.ok for s in bf16)
 

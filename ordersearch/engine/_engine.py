@@ -146,6 +146,8 @@ class Engine:
             self._bns["tail"] = batchnorm_modules(self._tail)
         # a plain list: indexing an nn.ModuleList costs microseconds per block forward
         self._blocks = None if self.bank.has_positional_blocks else list(self.bank.blocks)
+        # on CUDA, block forwards are timed with events (host timers would see launches only)
+        self._events: list[tuple[Any, Any]] | None = [] if self.device.type == "cuda" else None
         self._retain: list[tuple[int, ...]] = []
         self._root_bytes = 0
         self._protect_dirty = False
@@ -244,6 +246,7 @@ class Engine:
                 level.memo.update(results)
                 while len(level.memo) > _MEMO_SIZE:
                     level.memo.popitem(last=False)
+        self._sum_events()
         out = [results.get(o.ids) or level.memo[o.ids] for o in parsed]
         st.failed += sum(not s.ok for s in out)
         st.evictions = self.cache.evictions
@@ -306,6 +309,7 @@ class Engine:
         with torch.inference_mode(), self._autocast():
             root = self._root(level)
             walk([key], self.cache, root, lambda k, p: self._compute(level, k, p), finish, level.poison)
+        self._sum_events()
         if failure:
             raise ValueError(f"order {Order(key[1:])}: {failure[0]}")
         return found[0]
@@ -426,6 +430,9 @@ class Engine:
         by the block itself when it defines ``forward_into(x, out)`` (the isoresnet and
         compositional blocks do; fp32 with the bank's statistics), else copied in."""
         t0 = time.perf_counter()
+        if self._events is not None:
+            start = torch.cuda.Event(enable_timing=True)
+            start.record()
         src = parent.chunks
         assert src is not None
         handle = self._new_handle(level, tuple(src[0].shape[1:]))
@@ -442,11 +449,25 @@ class Engine:
         st = self.stats
         st.block_evals += 1
         st.image_block_evals += level.n
-        st.block_seconds += time.perf_counter() - t0
+        if self._events is not None:  # the kernels have only been queued: time them on the GPU
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._events.append((start, end))
+        else:
+            st.block_seconds += time.perf_counter() - t0
         return handle
+
+    def _sum_events(self) -> None:
+        """Add the GPU time of the block forwards queued since the last call to the stats."""
+        if self._events:
+            self._events[-1][1].synchronize()
+            self.stats.block_seconds += sum(a.elapsed_time(b) for a, b in self._events) / 1e3
+            self._events.clear()
 
     def _outputs(self, level: _Level, key: Key, handle: Handle) -> torch.Tensor:
         """Pooled features or head logits (N, D) of prefix ``key``, float32 on the CPU."""
+        if self._events:  # wait for the queued blocks here, so their time is not the tail's
+            self._events[-1][1].synchronize()
         t0 = time.perf_counter()
         assert handle.chunks is not None
         parts: list[torch.Tensor] = [handle.chunks[0]] * len(handle.chunks)

@@ -71,7 +71,7 @@ class EngineStats:
         stem_evals: Stem forwards over an EvalSet (once per EvalSet and fidelity).
         stat_passes: Extra passes that measured target-norm statistics.
         block_seconds: Time in block forwards (incl. target-norm passes and the copy into pooled
-            buffers).
+            buffers); on CUDA the GPU's time, measured with CUDA events.
         stem_seconds: Time in stem forwards.
         output_seconds: Time in the tail (pooled features or head logits).
         objective_seconds: Time in objective scoring (e.g. the ridge probe).
