@@ -157,7 +157,9 @@ class Probe(Objective):
         """Every candidate's probe in one batch of tensor operations (B candidates, A alphas),
         in groups of at most 2 MiB of features (larger batches run out of the CPU caches); one
         candidate is a batch of one, so the values do not depend on the batching."""
-        step = max(1, _GROUP_BYTES // max(8 * outputs[0].numel(), 1)) if outputs else 1
+        if not outputs:
+            return []
+        step = max(1, _GROUP_BYTES // max(8 * outputs[0].numel(), 1))
         if len(outputs) > step:
             return [s for i in range(0, len(outputs), step) for s in self.score_many(outputs[i : i + step], evalset, state)]
         with single_threaded():
