@@ -1,13 +1,16 @@
 """Engine benchmark: prefix-trie cache vs. building each model, on replayed search streams.
 
-    python benchmarks/engine.py            # full run (about 5-10 minutes on 2 CPU cores)
+    python benchmarks/engine.py            # full run (about 5 minutes on 2 CPU cores)
     python benchmarks/engine.py --quick    # small settings (about 1-2 minutes)
+    python benchmarks/engine.py --bank vits16                  # ViT-S/16 at 224 px (8 minutes)
+    python benchmarks/engine.py --device cuda [--bank vits16]  # on a GPU: its own sections
 
 Writes its section of ``benchmarks/RESULTS.md`` (between the ``engine`` markers) and prints
 the same tables. Streams are generated once into ``benchmarks/streams/*.json`` (scored with
 the engine on 64 images) and replayed, so block-forward counts are deterministic.
 
-Measures, per bank (a 12-block ViT-style timm bank and the isometric ResNet) and stream:
+Measures, per bank (a 12-block ViT-style timm bank and the isometric ResNet by default; ViT-S/16
+at 224 px, with block forwards of realistic size, when named) and stream:
 counts (per-batch trie vs. sorted sequential evaluation, cache efficiency at several budgets,
 LRU vs. GDSF, with and without retain hints), throughput of the engine and of the naive
 baseline (an Optuna objective that builds the model per trial and runs the full forward) in
