@@ -5,7 +5,7 @@
     python benchmarks/engine.py --bank vits16                  # ViT-S/16 at 224 px (8 minutes)
     python benchmarks/engine.py --device cuda [--bank vits16]  # on a GPU: its own sections
 
-Writes its section of ``benchmarks/RESULTS.md`` (between the ``engine`` markers) and prints
+Writes its section of ``benchmarks/RESULTS.md`` (one per device and set of banks) and prints
 the same tables. Streams are generated once into ``benchmarks/streams/*.json`` (scored with
 the engine on 64 images) and replayed, so block-forward counts are deterministic.
 
@@ -586,7 +586,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="where the timed runs go (cpu, cuda); counts use the CPU")
     p.add_argument("--bank", action="append", choices=sorted(BANKS),
-                   help="benchmark this bank (repeatable; default: every bank that is not CUDA-only)")
+                   help="benchmark this bank (repeatable; default: the banks without size overrides, vit12 and isoresnet8)")
     p.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     p.add_argument("--memory-only", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--malloc-only", action="store_true", help=argparse.SUPPRESS)
