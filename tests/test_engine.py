@@ -99,6 +99,21 @@ def test_cached_scores_equal_uncached(banks, data, bank_name, objective):
         assert s.value == _reference_score(bank, evalset, o, objective)
 
 
+def test_scores_do_not_depend_on_how_candidates_are_grouped_for_scoring(banks, data, monkeypatch):
+    """The engine scores a batch's candidates in groups (at most _SCORE_BATCH or _SCORE_BYTES);
+    groups of three and one group of all give the same scores."""
+    from ordersearch.engine import _engine
+
+    bank, evalset = banks["isoresnet"], data["isoresnet"]
+    orders = _random_orders(bank.n_blocks, 12, seed=3)
+    whole = Engine(bank, evalset, "probe", dtype=torch.float32).evaluate(orders)
+    monkeypatch.setattr(_engine, "_SCORE_BATCH", 3)
+    grouped = Engine(bank, evalset, "probe", dtype=torch.float32).evaluate(orders)
+    assert [s.value for s in grouped] == [s.value for s in whole]
+    assert [s.metrics for s in grouped] == [s.metrics for s in whole]
+    assert [s.order for s in grouped] == orders
+
+
 @pytest.mark.parametrize("bank_name", list(BANKS))
 def test_outputs_equal_the_rebuilt_model(banks, data, bank_name):
     bank, evalset = banks[bank_name], data[bank_name]
