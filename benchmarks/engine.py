@@ -176,7 +176,7 @@ def replay(engine: Engine, batches: list, hints: bool) -> Engine:
 
 
 def count_table(name: str, bank, spec: BankSpec, streams: dict, n_candidates: int) -> tuple[list[str], dict]:
-    node_512 = 512 * math.prod(bank.data_config["block_shape"]) * 4
+    node_512 = node_bytes(bank, 512)
     gb_nodes = 2**30 // node_512
     rows = [
         f"\n#### {name}: counts (K={bank.n_blocks}, orders of length 1..{spec.max_len}, "
@@ -300,13 +300,18 @@ def bookkeeping_on_proxy(k: int, batches: list, nodes: float) -> float:
     return replay(proxy_engine(k, nodes, "gdsf"), batches, True).stats.overhead_us_per_candidate
 
 
+def node_bytes(bank, n_images: int) -> int:
+    """Bytes of one cached prefix activation (float32) over ``n_images`` images."""
+    return n_images * math.prod(bank.data_config["block_shape"]) * 4
+
+
 def budget_for(limit: int, node: int, cuda: bool) -> int:
     """25% of a stream's distinct prefixes, capped on CUDA (a realistic bank's nodes are large)."""
     return min(int(0.25 * limit * node), CUDA_CACHE_CAP) if cuda else int(0.25 * limit * node)
 
 
 def throughput_table(name, bank, data, streams, n_candidates, facts, batch_size, device) -> tuple[list[str], dict]:
-    node = len(data) * math.prod(bank.data_config["block_shape"]) * 4
+    node = node_bytes(bank, len(data))
     cuda = torch.device(device).type == "cuda"
     rows = [
         f"\n#### {name}: engine vs. naive on {device}, {len(data)} images, batch {batch_size}, fp32, probe objective, "
@@ -406,17 +411,23 @@ def memory_subprocess(quick: bool, threads: int | None) -> list[str]:
     return out.rstrip("\n").split("\n")
 
 
-def memory_main(quick: bool) -> None:
-    spec = BANKS["vit12"]
+def evolution_run(name: str, quick: bool, candidates: int):
+    """A fresh process's bank, images (128 quick, else 256) and evolution stream (64 candidates
+    quick, else ``candidates``)."""
+    spec = BANKS[name]
     bank = load_bank(spec.source, **spec.kwargs)
     data = digits(128 if quick else 256, bank.data_config["input_size"])
-    _, batches = generate.load(HERE / "streams" / "vit12_evolution.json")
-    batches = truncate(batches, 64 if quick else 128)
+    _, batches = generate.load(HERE / "streams" / f"{name}_evolution.json")
+    return bank, data, truncate(batches, 64 if quick else candidates)
+
+
+def memory_main(quick: bool) -> None:
+    bank, data, batches = evolution_run("vit12", quick, 128)
     print("\n".join(memory_rows(bank, data, batches, (32 if quick else 64) * 2**20, 64)))
 
 
 def memory_rows(bank, data, batches, budget: int, batch_size: int) -> list[str]:
-    node = len(data) * math.prod(bank.data_config["block_shape"]) * 4
+    node = node_bytes(bank, len(data))
     if not _reset_peak():
         return ["\nMemory: /proc/self/clear_refs is not writable here; not measured."]
     naive = Naive(bank, data, "probe", batch_size)
@@ -466,13 +477,9 @@ def malloc_rows(quick: bool, threads: int | None) -> list[str]:
 
 
 def malloc_main(quick: bool) -> None:
-    spec = BANKS["isoresnet8"]
-    bank = load_bank(spec.source, **spec.kwargs)
-    data = digits(128 if quick else 256, bank.data_config["input_size"])
-    _, batches = generate.load(HERE / "streams" / "isoresnet8_evolution.json")
-    batches = truncate(batches, 64 if quick else 256)
-    budget = int(0.25 * distinct_prefixes(all_orders(batches)) * len(data)
-                 * math.prod(bank.data_config["block_shape"]) * 4)
+    bank, data, batches = evolution_run("isoresnet8", quick, 256)
+    node = node_bytes(bank, len(data))
+    budget = budget_for(distinct_prefixes(all_orders(batches)), node, cuda=False)
     naive = Naive(bank, data, "probe", 64)
     naive.score(bank.identity)
     replay(Engine(bank, data, "probe", cache_bytes=budget, device="cpu", batch_size=64), batches, True)
@@ -641,7 +648,7 @@ def main(argv: list[str] | None = None) -> None:
         lines += rows
         print("\n".join(rows), flush=True)
         evo = truncate(streams["evolution"], cands)
-        node = len(data) * math.prod(bank.data_config["block_shape"]) * 4
+        node = node_bytes(bank, len(data))
         budget = budget_for(facts["evolution"]["limit"], node, cuda)
         if len(data) >= 128:  # a screening subset of a quarter of the images needs enough of them
             rows = fidelity_rows(name, bank, data, evo, timed["evolution"]["values"], timed["evolution"]["naive_best"],
