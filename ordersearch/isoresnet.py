@@ -87,14 +87,16 @@ class IsoBlock(nn.Module):
         self.conv2 = nn.Conv2d(width, width, 3, padding=1, bias=not bn)
         self.act = nn.ReLU()
 
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual branch: norm, act, conv, twice."""
+        return self.conv2(self.act(self.norm2(self.conv1(self.act(self.norm1(x))))))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, C, H, W)
-        h = self.conv1(self.act(self.norm1(x)))
-        return x + self.conv2(self.act(self.norm2(h)))
+        return x + self.branch(x)
 
     def forward_into(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``forward(x)`` written into ``out`` (the engine's cache buffer: no copy)."""
-        h = self.conv1(self.act(self.norm1(x)))
-        return torch.add(x, self.conv2(self.act(self.norm2(h))), out=out)
+        return torch.add(x, self.branch(x), out=out)
 
 
 class IsoResNet(nn.Module):

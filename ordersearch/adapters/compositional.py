@@ -206,14 +206,16 @@ class PositionalIsoBlock(IsoBlock):
         self.norm1 = PositionalBatchNorm2d(width, slots, affine_per_slot=affine_per_slot)
         self.norm2 = PositionalBatchNorm2d(width, slots, affine_per_slot=affine_per_slot)
 
+    def branch(self, x: torch.Tensor, slot: int = 0) -> torch.Tensor:
+        """The residual branch with slot ``slot``'s statistics."""
+        return self.conv2(self.act(self.norm2(self.conv1(self.act(self.norm1(x, slot))), slot)))
+
     def forward(self, x: torch.Tensor, slot: int = 0) -> torch.Tensor:  # (B, C, H, W) -> same
-        h = self.conv1(self.act(self.norm1(x, slot)))
-        return x + self.conv2(self.act(self.norm2(h, slot)))
+        return x + self.branch(x, slot)
 
     def forward_into(self, x: torch.Tensor, out: torch.Tensor, slot: int = 0) -> torch.Tensor:
         """``forward(x, slot)`` written into ``out`` (the engine's cache buffer: no copy)."""
-        h = self.conv1(self.act(self.norm1(x, slot)))
-        return torch.add(x, self.conv2(self.act(self.norm2(h, slot))), out=out)
+        return torch.add(x, self.branch(x, slot), out=out)
 
 
 class BlockAt(nn.Module):
