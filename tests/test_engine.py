@@ -175,20 +175,22 @@ def _node_bytes(bank, evalset) -> int:
 @pytest.mark.parametrize("policy", ["gdsf", "lru"])
 def test_budget_is_never_exceeded_and_scores_do_not_change(banks, data, policy):
     bank, evalset = banks["isoresnet"], data["isoresnet"]
-    budget = int(3.5 * _node_bytes(bank, evalset))
+    node = _node_bytes(bank, evalset)
+    budget = int(3.5 * node)
     engine = Engine(bank, evalset, "probe", cache_bytes=budget, batch_size=64, policy=policy)
-    measured: list[int] = []
-    admit = engine.cache.admit
+    in_use: list[int] = []  # activation bytes held (cache, path, stem output) at each block forward
+    fill = engine.pool.fill
 
-    def measuring_admit(key, handle):
-        ok = admit(key, handle)
-        measured.append(sum(t.nbytes for t in engine.cache_tensors()))
-        return ok
+    def measuring_fill(handle):
+        chunks = fill(handle)
+        in_use.append(engine.pool.bytes - engine.pool.free_bytes)
+        return chunks
 
-    engine.cache.admit = measuring_admit  # type: ignore[method-assign]
+    engine.pool.fill = measuring_fill  # type: ignore[method-assign]
     unlimited = Engine(bank, evalset, "probe", cache_bytes=2**30, batch_size=64)
     rng = random.Random(3)
     pop = _random_orders(4, 6, seed=4, max_len=6)
+    cached: list[int] = []
     for _ in range(5):  # an evolution-like stream: mutate the population's orders
         batch = []
         for parent in pop:
@@ -197,9 +199,13 @@ def test_budget_is_never_exceeded_and_scores_do_not_change(banks, data, policy):
             batch.append(Order(ids))
         got = engine.evaluate(batch, retain=pop)
         assert [s.value for s in got] == [s.value for s in unlimited.evaluate(batch)]
+        cached.append(sum(t.nbytes for t in engine.cache_tensors()))
         pop = batch
-    assert measured and max(measured) <= budget
+    assert max(cached) <= budget
     assert engine.stats.cache_bytes_peak <= budget
+    # live memory: the budget plus one path (orders of up to 6 blocks) and the stem output
+    assert max(in_use) <= budget + 7 * node
+    assert engine.stats.live_bytes_peak <= budget + 7 * node + engine.pool.max_free * node
     assert engine.stats.evictions > 0  # the budget was binding
     assert engine.stats.min_block_evals < engine.stats.block_evals < engine.stats.naive_block_evals
 
@@ -263,6 +269,35 @@ def test_nan_candidate_fails_without_killing_the_batch(data):
     assert (0, 0, 2) not in engine.cache and (0, 0, 2, 1) not in engine.cache
     (again,) = engine.evaluate(["0-2-0"])  # the failed prefix is not recomputed
     assert not again.ok and "after block 2 at position 1" in again.failed and engine.stats.block_evals == 7
+
+
+def test_a_block_that_raises_leaves_the_engine_consistent(banks, data, monkeypatch):
+    """A walk plans a batch's cache bookkeeping before any block runs; when a block forward
+    raises, the cache drops what the plan admitted but never computed and every buffer goes
+    back to the pool, so the next batch scores correctly."""
+    from ordersearch.isoresnet import IsoBlock
+
+    bank, evalset = banks["isoresnet"], data["isoresnet"]
+    engine = Engine(bank, evalset, "probe", cache_bytes=2**26, dtype=torch.float32)
+    engine.evaluate(["0-1"])
+    into = IsoBlock.forward_into
+
+    def failing(self, x, out):
+        if self is bank.blocks[3]:
+            raise RuntimeError("boom")
+        return into(self, x, out)
+
+    monkeypatch.setattr(IsoBlock, "forward_into", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        engine.evaluate(["0-1-2", "0-2-3-1", "1-2"])
+    assert all(t is not None for t in engine.cache_tensors()) and len(engine.cache_tensors()) == len(engine.cache)
+    assert (0, 0, 2, 3) not in engine.cache and (0, 0, 2, 3, 1) not in engine.cache  # planned, never computed
+    stem_output = len(evalset) * math.prod(bank.data_config["block_shape"]) * 4
+    assert engine.pool.bytes - engine.pool.free_bytes == engine.cache.bytes + stem_output  # nothing else held
+    monkeypatch.setattr(IsoBlock, "forward_into", into)
+    orders = [Order([0, 1, 2]), Order([0, 2, 3, 1]), Order([1, 2])]
+    got = engine.evaluate(orders)
+    assert [s.value for s in got] == [_reference_score(bank, evalset, o, "probe") for o in orders]
 
 
 def test_an_objective_that_raises_fails_only_that_candidate(banks, data):

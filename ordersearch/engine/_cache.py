@@ -33,9 +33,9 @@ Key = tuple[int, ...]
 
 
 class BufferPool:
-    """Free activation buffers by key, reused so that a steady-state search does not make the
-    allocator grow: each admission after the cache fills frees a buffer of the same shape.
-    A buffer is kept with its chunk views, so reusing it makes no new tensors.
+    """Activation buffers, each kept with its chunk views, reused so that a steady-state search
+    does not make the allocator grow: in steady state every block forward fills the buffer of
+    the entry that its admission evicted.
 
     Keeping the blocks' own chunk outputs instead (no copy) saves a copy per block forward,
     but the long-lived chunks interleaved with each forward's temporaries fragmented the
@@ -43,62 +43,101 @@ class BufferPool:
     ``benchmarks/engine.py`` checks (about twice the cache's live bytes).
 
     Args:
+        make: ``make(key)`` returns a new buffer and its chunk views for a handle's ``key``
+            (whatever determines its shape, dtype, device and chunks).
         max_free: Free buffers kept per key; more are released.
+
+    Attributes:
+        bytes: Bytes of every buffer the pool holds, in use or free.
+        peak_bytes: The most ``bytes`` has been (activation memory: cache, paths, stem
+            outputs and free buffers).
+        deferred: While a walk plans, called with each handle whose last reference went
+            (its buffer is given back when the plan runs); None: given back at once.
     """
 
-    def __init__(self, *, max_free: int = 4) -> None:
+    def __init__(
+        self, make: Callable[[object], tuple[torch.Tensor, list[torch.Tensor]]], *, max_free: int = 4
+    ) -> None:
+        self.make = make
         self.max_free = max_free
-        self._free: dict[object, list[Handle]] = {}
+        self._free: dict[object, list[tuple[torch.Tensor, list[torch.Tensor]]]] = {}
         self.free_bytes = 0
+        self.bytes = 0
+        self.peak_bytes = 0
         self.allocated = 0
         self.reused = 0
+        self.deferred: Callable[[Handle], object] | None = None
 
-    def take(self, key: object, make: Callable[[], tuple[torch.Tensor, list[torch.Tensor]]]) -> Handle:
-        """A handle (refcount 0) on a free buffer of ``key`` (whatever determines the buffer's
-        shape, dtype, device and chunks), or on ``make()``'s new buffer and its chunk views."""
-        free = self._free.get(key)
+    def fill(self, handle: Handle) -> list[torch.Tensor]:
+        """Give ``handle`` a buffer (a free one of its key, else a new one); its chunks."""
+        free = self._free.get(handle.key)
         if free:
             self.reused += 1
-            h = free.pop()
-            self.free_bytes -= h.nbytes
-            h.chunks, h._buffer = h._views
-            return h
-        self.allocated += 1
-        return Handle(*make(), self, key)
+            handle._buffer, handle.chunks = free.pop()
+            self.free_bytes -= handle.nbytes
+        else:
+            self.allocated += 1
+            handle._buffer, handle.chunks = self.make(handle.key)
+            self.bytes += handle.nbytes
+            if self.bytes > self.peak_bytes:
+                self.peak_bytes = self.bytes
+        return handle.chunks  # type: ignore[return-value]
+
+    def release(self, handle: Handle) -> None:
+        """``handle``'s last reference went: its buffer comes back now, or when the plan runs."""
+        if self.deferred is not None:
+            self.deferred(handle)
+        else:
+            self.give(handle)
 
     def give(self, handle: Handle) -> None:
-        free = self._free.setdefault(handle._key, [])
+        """Take ``handle``'s buffer back (nothing if it has none)."""
+        buffer = handle._buffer
+        if buffer is None:
+            return
+        free = self._free.setdefault(handle.key, [])
         if len(free) < self.max_free:
-            free.append(handle)
+            free.append((buffer, handle.chunks))  # type: ignore[arg-type]
             self.free_bytes += handle.nbytes
         else:
-            handle._views = (None, None)
+            self.bytes -= handle.nbytes
+        handle._buffer = handle.chunks = None
 
     def clear(self) -> None:
-        for free in self._free.values():
-            for h in free:
-                h._views = (None, None)
+        """Drop the free buffers."""
         self._free.clear()
+        self.bytes -= self.free_bytes
         self.free_bytes = 0
 
 
 class Handle:
-    """A prefix activation, as one view per EvalSet chunk of a pooled buffer, shared by the
-    cache and the walk's path and reference counted so that the buffer returns to the pool
-    exactly when neither holds it (the pool then hands this object out again)."""
+    """A prefix activation: one view per EvalSet chunk of a pooled buffer, shared by the cache
+    and walks' paths and reference counted, so that the buffer returns to the pool exactly
+    when neither holds it. A walk makes the handles of the prefixes it will compute while it
+    plans (the cache needs only their size) and fills them when the plan runs.
 
-    __slots__ = ("chunks", "nbytes", "refs", "_buffer", "_pool", "_key", "_views")
+    Attributes:
+        chunks: The chunk views (None until filled, and once released).
+        nbytes: The buffer's size.
+        key: The pool key of its buffer.
+        bad: Why its activation is unusable (a prefix found non-finite after it was
+            planned on), else None.
+    """
 
-    def __init__(
-        self, buffer: torch.Tensor, chunks: list[torch.Tensor], pool: BufferPool | None = None, key: object = None
-    ) -> None:
-        self.chunks: list[torch.Tensor] | None = chunks
-        self.nbytes = buffer.nbytes
+    __slots__ = ("chunks", "nbytes", "refs", "key", "bad", "_buffer", "_pool")
+
+    def __init__(self, nbytes: int, pool: BufferPool | None, key: object = None) -> None:
+        self.chunks: list[torch.Tensor] | None = None
+        self.nbytes = nbytes
         self.refs = 0
-        self._buffer: torch.Tensor | None = buffer
+        self.key = key
+        self.bad: str | None = None
+        self._buffer: torch.Tensor | None = None
         self._pool = pool
-        self._key = key
-        self._views: tuple = (chunks, buffer) if pool is not None else (None, None)
+
+    @property
+    def filled(self) -> bool:
+        return self._buffer is not None
 
     def acquire(self) -> Handle:
         self.refs += 1
@@ -106,10 +145,8 @@ class Handle:
 
     def release(self) -> None:
         self.refs -= 1
-        if self.refs == 0 and self._buffer is not None:
-            self.chunks = self._buffer = None
-            if self._pool is not None:
-                self._pool.give(self)
+        if self.refs == 0 and self._pool is not None:
+            self._pool.release(self)
 
 
 class _Entry:

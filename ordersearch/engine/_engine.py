@@ -15,6 +15,7 @@ The method searched is the per-task computation order of Zhmoginov, Bashkirova a
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
@@ -132,7 +133,7 @@ class Engine:
         self.evalset = evalset
         self.memo = memo
         self.check_finite = check_finite
-        self.pool = BufferPool()
+        self.pool = BufferPool(self._make_buffer)
         if self.device.type == "cpu":
             tune_malloc(keep_bytes=2 * cache_bytes)
         self.cache = PrefixCache(cache_bytes, policy)
@@ -148,8 +149,12 @@ class Engine:
         self._blocks = None if self.bank.has_positional_blocks else list(self.bank.blocks)
         # on CUDA, block forwards are timed with events (host timers would see launches only)
         self._events: list[tuple[Any, Any]] | None = [] if self.device.type == "cuda" else None
+        self._itemsize = torch.empty((), dtype=self.dtype).element_size()
+        # on the CPU, a candidate's tail runs on each chunk of its last block's output while
+        # that is still in the CPU caches (target statistics need the whole set first)
+        self._fuse_tail = self.device.type == "cpu" and norm == "source"
+        self._fused: tuple[Key, list[torch.Tensor]] | None = None
         self._retain: list[tuple[int, ...]] = []
-        self._root_bytes = 0
         self._protect_dirty = False
 
     # --- public API ---------------------------------------------------------------------
@@ -232,13 +237,7 @@ class Engine:
                     return bad
 
                 st.cache_hits += walk(
-                    keys,
-                    self.cache,
-                    root,
-                    lambda key, parent: self._compute(level, key, parent),
-                    finish,
-                    level.poison,
-                    self._note_path,
+                    keys, self.cache, self.pool, root, functools.partial(self._compute, level), finish, level.poison
                 )
                 if pending:
                     score_pending()
@@ -249,9 +248,7 @@ class Engine:
         self._sum_events()
         out = [results.get(o.ids) or level.memo[o.ids] for o in parsed]
         st.failed += sum(not s.ok for s in out)
-        st.evictions = self.cache.evictions
-        st.cache_bytes = self.cache.bytes
-        st.cache_bytes_peak = self.cache.peak_bytes
+        self._update_memory_stats()
         st.total_seconds += time.perf_counter() - t0
         return out
 
@@ -308,8 +305,9 @@ class Engine:
 
         with torch.inference_mode(), self._autocast():
             root = self._root(level)
-            walk([key], self.cache, root, lambda k, p: self._compute(level, k, p), finish, level.poison)
+            walk([key], self.cache, self.pool, root, functools.partial(self._compute, level), finish, level.poison)
         self._sum_events()
+        self._update_memory_stats()
         if failure:
             raise ValueError(f"order {Order(key[1:])}: {failure[0]}")
         return found[0]
@@ -327,6 +325,7 @@ class Engine:
             level.seen.clear()
         self.cache.peak_bytes = self.cache.bytes
         self.cache.evictions = 0
+        self.pool.peak_bytes = self.pool.bytes
 
     def clear(self) -> None:
         """Free cached activations, stem outputs, memos and statistics."""
@@ -335,7 +334,6 @@ class Engine:
             if level.root is not None:
                 level.root.release()
         self._levels.clear()
-        self._root_bytes = 0
         self.pool.clear()
 
     def cache_tensors(self) -> list[torch.Tensor]:
@@ -364,10 +362,12 @@ class Engine:
                 level.seen.add(p)
                 self.stats.min_block_evals += 1
 
-    def _note_path(self, nbytes: int) -> None:
-        live = self.cache.bytes + nbytes + self.pool.free_bytes + self._root_bytes
-        if live > self.stats.live_bytes_peak:
-            self.stats.live_bytes_peak = live
+    def _update_memory_stats(self) -> None:
+        st = self.stats
+        st.evictions = self.cache.evictions
+        st.cache_bytes = self.cache.bytes
+        st.cache_bytes_peak = self.cache.peak_bytes
+        st.live_bytes_peak = max(st.live_bytes_peak, self.pool.peak_bytes)
 
     def _forward(
         self,
@@ -395,12 +395,12 @@ class Engine:
         else:
             level.bn_stats.move_to_end(stats_key)
 
-    def _new_handle(self, level: _Level, shape: tuple[int, ...]) -> Handle:
-        def make() -> tuple[torch.Tensor, list[torch.Tensor]]:
-            buffer = torch.empty((level.n, *shape), dtype=self.dtype, device=self.device)
-            return buffer, [buffer[s] for s in level.slices]
-
-        return self.pool.take((level.n, shape), make)  # the level's size fixes its chunks
+    def _make_buffer(self, key: object) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """A new buffer for the pool key ``(images, activation shape)``, and its views of the
+        level's chunks (a level's size fixes its chunks)."""
+        n, shape = key  # type: ignore[misc]
+        buffer = torch.empty((n, *shape), dtype=self.dtype, device=self.device)
+        return buffer, [buffer[s] for s in self._levels[n].slices]
 
     def _root(self, level: _Level) -> Handle:
         """The stem output of ``level``'s images, computed once."""
@@ -415,37 +415,51 @@ class Engine:
 
         def write(i: int, y: torch.Tensor) -> None:
             if not handle:
-                handle.append(self._new_handle(level, tuple(y.shape[1:])))
+                shape = tuple(y.shape[1:])
+                handle.append(Handle(level.n * math.prod(shape) * self._itemsize, self.pool, (level.n, shape)))
+                self.pool.fill(handle[0])
             handle[0].chunks[i].copy_(y)  # type: ignore[index]
 
         self._forward(self.bank.stem, inputs, level, "stem", ("stem", (level.index,)), write)
         level.root = handle[0].acquire()
-        self._root_bytes += level.root.nbytes
         self.stats.stem_evals += 1
         self.stats.stem_seconds += time.perf_counter() - t0
         return level.root
 
-    def _compute(self, level: _Level, key: Key, parent: Handle) -> Handle:
-        """The activation of prefix ``key`` from its parent's, written into a pooled buffer:
-        by the block itself when it defines ``forward_into(x, out)`` (the isoresnet and
-        compositional blocks do; fp32 with the bank's statistics), else copied in."""
+    def _compute(self, level: _Level, key: Key, parent: Handle, out: Handle, last: bool) -> None:
+        """Fill ``out``, the activation of prefix ``key``, from its parent's: the block writes
+        into the pooled buffer itself when it defines ``forward_into(x, out)`` (the isoresnet
+        and compositional blocks do; fp32 with the bank's statistics), else its output is
+        copied in. When ``key`` is a candidate (``last``) its tail runs on each chunk right
+        after the block, while the chunk is still in the CPU caches."""
         t0 = time.perf_counter()
         if self._events is not None:
             start = torch.cuda.Event(enable_timing=True)
             start.record()
         src = parent.chunks
         assert src is not None
-        handle = self._new_handle(level, tuple(src[0].shape[1:]))
-        out = handle.chunks
-        assert out is not None
+        dst = self.pool.fill(out)
         # block_at: banks with per-position statistics run the block bound to this position
         block = self._blocks[key[-1]] if self._blocks is not None else self.bank.block_at(key[-1], len(key) - 2)
         into = getattr(block, "forward_into", None)
-        if into is not None and self.norm != "target" and self.dtype == torch.float32:
-            for x, y in zip(src, out):  # the block writes into the cache's buffer: no copy
-                into(x, y)
+        direct = into is not None and self.norm != "target" and self.dtype == torch.float32
+        tail_seconds = 0.0
+        if last and self._fuse_tail:
+            tail, parts = self._tail, []
+            for x, y in zip(src, dst):
+                if direct:
+                    into(x, y)  # type: ignore[misc]
+                else:
+                    y.copy_(block(x))
+                t1 = time.perf_counter()
+                parts.append(tail(y))
+                tail_seconds += time.perf_counter() - t1
+            self._fused = (key, parts)
+        elif direct:
+            for x, y in zip(src, dst):  # the block writes into the cache's buffer: no copy
+                into(x, y)  # type: ignore[misc]
         else:
-            self._forward(block, src, level, key[-1], key, lambda i, y: out[i].copy_(y))
+            self._forward(block, src, level, key[-1], key, lambda i, y: dst[i].copy_(y))
         st = self.stats
         st.block_evals += 1
         st.image_block_evals += level.n
@@ -454,8 +468,8 @@ class Engine:
             end.record()
             self._events.append((start, end))
         else:
-            st.block_seconds += time.perf_counter() - t0
-        return handle
+            st.block_seconds += time.perf_counter() - t0 - tail_seconds
+            st.output_seconds += tail_seconds
 
     def _sum_events(self) -> None:
         """Add the GPU time of the block forwards queued since the last call to the stats."""
@@ -470,8 +484,12 @@ class Engine:
             self._events[-1][1].synchronize()
         t0 = time.perf_counter()
         assert handle.chunks is not None
-        parts: list[torch.Tensor] = [handle.chunks[0]] * len(handle.chunks)
-        self._forward(self._tail, handle.chunks, level, "tail", ("tail", key), parts.__setitem__)
+        fused, self._fused = self._fused, None
+        if fused is not None and fused[0] == key:  # the tail ran with the last block forward
+            parts = fused[1]
+        else:
+            parts = [handle.chunks[0]] * len(handle.chunks)
+            self._forward(self._tail, handle.chunks, level, "tail", ("tail", key), parts.__setitem__)
         outputs = torch.cat([p.float() for p in parts]).to("cpu")
         self.stats.output_seconds += time.perf_counter() - t0
         return outputs

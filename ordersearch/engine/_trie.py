@@ -1,4 +1,4 @@
-"""Depth-first walk over a batch's prefix trie.
+"""Depth-first walk over a batch's prefix trie: planned first, then run.
 
 The batch's distinct orders are sorted, so orders sharing a prefix are adjacent and the walk
 is a stack: the path from the root (stem output) to the current node. Moving to the next
@@ -8,20 +8,44 @@ therefore computed at most once, and a prefix found in the cache not at all. The
 never built as linked nodes: keys are tuples, parents are found by slicing, and the only
 live activations are the path's (plus the cache's).
 
-Sorted siblings are adjacent in this walk, which is what batching siblings that apply the
-same block into one larger forward (on GPUs) needs.
+Which prefixes a batch computes, and what the cache admits and evicts, do not depend on the
+activations' values, so the walk is done twice: first over the cache's bookkeeping alone
+(:func:`_plan`), which lists the block forwards, the buffers to give back and the candidates
+to finish in the order the walk meets them; then the list is run (:func:`_run`). The
+bookkeeping thus runs in one tight loop instead of between block forwards, whose memory
+traffic would evict the interpreter's code and data from the CPU caches each time (measured:
+several times slower there). A buffer evicted to make room for a prefix is given back
+before that prefix is computed, so the pool can hand it over at once, and live memory stays
+within the cache's budget plus one path.
+
+The exception is a candidate whose outputs prove non-finite: the prefix that made them so is
+known only when the plan runs. The run then marks that prefix and its descendants on the path
+bad, skips the planned block forwards that would extend them (their candidates fail with
+the same reason), and drops them from the cache when the batch is done.
+
+Sorted siblings are adjacent in this walk, and a plan lists every block forward of a batch
+before any runs, which is what batching forwards that apply the same block into one larger
+forward (on GPUs) needs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 
-from ._cache import Handle, Key, PrefixCache
+from ._cache import BufferPool, Handle, Key, PrefixCache
 
 __all__ = ["Bad", "count_distinct_prefixes", "prefixes", "walk"]
 
 #: A prefix whose activation proved bad, and why (what ``finish`` may return to the walk).
 Bad = tuple[Key, str] | None
+
+#: ``compute(key, parent, out, last)`` fills ``out`` (the activation of ``key``) from
+#: ``parent``'s; ``last``: ``key`` is a candidate, finished right after.
+Compute = Callable[[Key, Handle, Handle, bool], None]
+#: ``finish(key, path, failed)``, see :func:`walk`.
+Finish = Callable[[Key, list[tuple[Key, Handle]] | None, str | None], Bad]
+
+_COMPUTE, _FREE, _FINISH = 0, 1, 2
 
 
 def prefixes(ids: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
@@ -41,28 +65,37 @@ def count_distinct_prefixes(orders: Iterable[Iterable[int]]) -> int:
 def walk(
     keys: list[Key],
     cache: PrefixCache,
+    pool: BufferPool,
     root: Handle,
-    compute: Callable[[Key, Handle], Handle],
-    finish: Callable[[Key, list[tuple[Key, Handle]] | None, str | None], Bad],
+    compute: Compute,
+    finish: Finish,
     poison: dict[Key, str],
-    path_bytes: Callable[[int], None] | None = None,
 ) -> int:
     """Visit the sorted, distinct ``keys`` depth-first; returns the number of cache hits.
 
     Args:
         keys: Sorted distinct keys ``(level, b1, ..., bd)``; ``root`` is the key ``(level,)``.
         cache: Prefix cache, read and filled as the walk goes.
+        pool: Where the handles' buffers come from and go back to.
         root: The stem output.
-        compute: ``compute(key, parent)`` returns the child's handle (refcount 0).
+        compute: Fills a planned handle; see :data:`Compute`.
         finish: Called once per key with the path that ends at it (``(key, handle)`` pairs
             from the root; a cached start skips its ancestors), or None and the reason the
             key is known to fail. It returns a prefix on that path that proved bad (checks
             run on the outputs, not after every block) and why, or None; the walk poisons
-            that prefix and drops it and its descendants from the path and the cache, so no
-            later key extends it.
+            that prefix, so that no later key extends it, and drops it and its descendants
+            from the cache.
         poison: Failure reasons of prefixes known to fail (read and extended).
-        path_bytes: Called with the bytes held by the path outside the cache after each push.
     """
+    ops, hits = _plan(keys, cache, pool, root, poison)
+    _run(ops, cache, pool, compute, finish, poison)
+    return hits
+
+
+def _plan(
+    keys: list[Key], cache: PrefixCache, pool: BufferPool, root: Handle, poison: dict[Key, str]
+) -> tuple[list[tuple], int]:
+    """The walk over the cache's bookkeeping: the operations to run, and the cache hits."""
     # A cached node that a later order of this walk starts from is pinned until that order
     # is done, so the walk never pays for a prefix that was cached when it began. It is also
     # the only cached prefix the walk needs to look for: a prefix cached by the walk itself
@@ -82,8 +115,11 @@ def walk(
                 cache.pin(start)
             pinned[start] = pinned.get(start, 0) + 1
 
+    ops: list[tuple] = []
+    add = ops.append
     hits = 0
     stack: list[tuple[Key, Handle]] = [(keys[0][:1] if keys else (), root.acquire())]
+    pool.deferred = lambda handle: add((_FREE, handle))
     try:
         for key, start in zip(keys, start_of):
             while len(stack) > 1:
@@ -95,24 +131,19 @@ def walk(
                 stack.append((start, cache.hit(start).acquire()))
                 hits += 1
             failed = None
-            for d in range(len(stack[-1][0]) + 1, len(key) + 1):
+            parent = stack[-1][1]
+            depth = len(key)
+            for d in range(len(stack[-1][0]) + 1, depth + 1):
                 k = key[:d]
                 failed = poison.get(k)
                 if failed is not None:
                     break
-                out = compute(k, stack[-1][1])
-                cache.admit(k, out)
+                out = Handle(parent.nbytes, pool, parent.key)
+                cache.admit(k, out)  # evictions first: their buffers can go to this forward
+                add((_COMPUTE, k, parent, out, d == depth))
                 stack.append((k, out.acquire()))
-                if path_bytes is not None:
-                    # held by the path alone (refcount 1): not admitted, or evicted since
-                    path_bytes(sum([h.nbytes for _, h in stack if h.refs == 1]))
-            bad = finish(key, None if failed else stack, failed)
-            if bad is not None:
-                poison[bad[0]] = bad[1]
-                while len(stack) > 1 and len(stack[-1][0]) >= len(bad[0]):
-                    k, h = stack.pop()
-                    cache.discard(k)
-                    h.release()
+                parent = out
+            add((_FINISH, key, None if failed else stack.copy(), failed))
             if start is not None:
                 pinned[start] -= 1
                 if pinned[start] == 0:
@@ -123,4 +154,64 @@ def walk(
             h.release()
         for k in pinned:
             cache.unpin(k)
-    return hits
+        pool.deferred = None
+    return ops, hits
+
+
+def _run(
+    ops: list[tuple], cache: PrefixCache, pool: BufferPool, compute: Compute, finish: Finish, poison: dict[Key, str]
+) -> None:
+    """Run a plan. If a block forward or ``finish`` raises, the rest of the plan gives its
+    buffers back and the cache drops the prefixes the plan admitted but never computed."""
+    poisoned = False
+    it = iter(ops)
+    op: tuple = ()
+    try:
+        for op in it:
+            code = op[0]
+            if code == _COMPUTE:
+                _, key, parent, out, last = op
+                if parent.bad is None:
+                    compute(key, parent, out, last)
+                else:  # extends a prefix that proved bad during this run
+                    out.bad = parent.bad
+            elif code == _FREE:
+                pool.give(op[1])
+            else:
+                _, key, path, failed = op
+                if path is None:
+                    finish(key, None, failed)
+                    continue
+                end = path[-1][1]
+                if end.bad is not None:
+                    finish(key, None, end.bad)
+                    continue
+                bad = finish(key, path, None)
+                if bad is not None:
+                    poison[bad[0]] = bad[1]
+                    poisoned = True
+                    depth = len(bad[0])
+                    for k, h in path:
+                        if len(k) >= depth:
+                            h.bad = bad[1]
+    except BaseException:
+        if op and op[0] == _COMPUTE:
+            op[3].bad = "its block forward raised"  # filled, but maybe only in part
+        for op in it:
+            if op[0] == _FREE:
+                pool.give(op[1])
+        _drop(cache, poison, poisoned)
+        raise
+    if poisoned:  # else every planned prefix was computed and is good
+        _drop(cache, poison, poisoned)
+
+
+def _drop(cache: PrefixCache, poison: dict[Key, str], poisoned: bool) -> None:
+    """Drop cached prefixes that were never computed (a run that raised) or that extend a
+    poisoned prefix."""
+    for key, entry in list(cache.entries.items()):
+        handle = entry.handle  # type: ignore[attr-defined]
+        if handle.bad is not None or not handle.filled or (
+            poisoned and any(key[:d] in poison for d in range(2, len(key) + 1))
+        ):
+            cache.discard(key)
