@@ -289,7 +289,9 @@ class PrefixCache:
     def recompute_cost(self, key: Key) -> int:
         """Block forwards that rebuild ``key`` from its nearest cached ancestor or the stem."""
         entries = self._entries
-        for j in range(len(key) - 1, 1, -1):
+        if key[:-1] in entries:  # the common case: the parent is cached
+            return 1
+        for j in range(len(key) - 2, 1, -1):
             if key[:j] in entries:
                 return len(key) - j
         return len(key) - 1
@@ -320,20 +322,25 @@ class PrefixCache:
     def admit(self, key: Key, handle: Handle) -> bool:
         """Cache ``handle`` under ``key``, evicting as needed; False if it cannot fit without
         evicting a pinned entry (the budget is a hard limit)."""
-        if key in self._entries:
+        entries = self._entries
+        if key in entries:
             return True
         nbytes = handle.nbytes
-        if nbytes > self.capacity or not self._make_room(nbytes):
+        if self.bytes + nbytes > self.capacity and (nbytes > self.capacity or not self._make_room(nbytes)):
             self.rejections += 1
             return False
-        entry = _Entry(key, handle.acquire(), nbytes)
-        entry.protected = key in self._protected
+        entry = _Entry(key, handle, nbytes)
+        handle.refs += 1
+        if key in self._protected:
+            entry.protected = True
         self.tick += 1
-        self._entries[key] = entry
+        entries[key] = entry
         parent = key[:-1]
-        self._n_children[parent] = self._n_children.get(parent, 0) + 1
+        n_children = self._n_children
+        n_children[parent] = n_children.get(parent, 0) + 1
         self.bytes += nbytes
-        self.peak_bytes = max(self.peak_bytes, self.bytes)
+        if self.bytes > self.peak_bytes:
+            self.peak_bytes = self.bytes
         self._push(entry, self.policy.priority(entry, self))
         return True
 
@@ -365,27 +372,27 @@ class PrefixCache:
         heapq.heapify(self._heap)
 
     def _make_room(self, nbytes: int) -> bool:
-        while self.bytes + nbytes > self.capacity:
-            if not self._evict_one():
-                return False
-        return True
-
-    def _evict_one(self) -> bool:
+        """Evict until ``nbytes`` more fit; False if only pinned entries (or, for leaves-only
+        policies, entries with cached children) are left."""
         heap, entries, pop = self._heap, self._entries, heapq.heappop
         parents = self._n_children if self.policy.leaves_only else ()
-        while heap:
-            _, _, seq, key = pop(heap)
-            entry = entries.get(key)
-            if entry is None or entry.version != seq:
-                continue  # stale heap item
-            if entry.pins or key in parents:  # (keys with cached children; leaves-only policies)
-                entry.queued = False  # re-queued when it is unpinned or loses its children
-                continue
+        on_evict = self.policy.on_evict
+        while self.bytes + nbytes > self.capacity:
+            while True:
+                if not heap:
+                    return False
+                _, _, seq, key = pop(heap)
+                entry = entries.get(key)
+                if entry is None or entry.version != seq:
+                    continue  # stale heap item
+                if entry.pins or key in parents:  # (keys with cached children; leaves-only policies)
+                    entry.queued = False  # re-queued when it is unpinned or loses its children
+                    continue
+                break
             self._remove(entry)
-            self.policy.on_evict(entry)
+            on_evict(entry)
             self.evictions += 1
-            return True
-        return False
+        return True
 
     def _remove(self, entry: _Entry) -> None:
         key = entry.key

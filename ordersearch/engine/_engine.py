@@ -15,6 +15,7 @@ The method searched is the per-task computation order of Zhmoginov, Bashkirova a
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import math
@@ -147,6 +148,8 @@ class Engine:
             self._bns["tail"] = batchnorm_modules(self._tail)
         # a plain list: indexing an nn.ModuleList costs microseconds per block forward
         self._blocks = None if self.bank.has_positional_blocks else list(self.bank.blocks)
+        # blocks that write their output into the cache's buffer (fp32 with the bank's statistics)
+        self._direct = norm == "source" and self.dtype == torch.float32
         # on CUDA, block forwards are timed with events (host timers would see launches only)
         self._events: list[tuple[Any, Any]] | None = [] if self.device.type == "cuda" else None
         self._itemsize = torch.empty((), dtype=self.dtype).element_size()
@@ -342,7 +345,9 @@ class Engine:
 
     # --- internals ----------------------------------------------------------------------
     def _autocast(self) -> Any:
-        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
 
     def _level(self, n_images: int | None) -> _Level:
         n = self.n_images if n_images is None else int(n_images)
@@ -441,8 +446,8 @@ class Engine:
         dst = self.pool.fill(out)
         # block_at: banks with per-position statistics run the block bound to this position
         block = self._blocks[key[-1]] if self._blocks is not None else self.bank.block_at(key[-1], len(key) - 2)
-        into = getattr(block, "forward_into", None)
-        direct = into is not None and self.norm != "target" and self.dtype == torch.float32
+        into = getattr(block, "forward_into", None) if self._direct else None
+        direct = into is not None
         tail_seconds = 0.0
         if last and self._fuse_tail:
             tail, parts = self._tail, []

@@ -119,7 +119,9 @@ def _plan(
     add = ops.append
     hits = 0
     stack: list[tuple[Key, Handle]] = [(keys[0][:1] if keys else (), root.acquire())]
-    pool.deferred = lambda handle: add((_FREE, handle))
+    # handles released since the last planned forward: their buffers go back before it runs
+    frees: list[Handle] = []
+    pool.deferred = frees.append
     try:
         for key, start in zip(keys, start_of):
             while len(stack) > 1:
@@ -140,7 +142,8 @@ def _plan(
                     break
                 out = Handle(parent.nbytes, pool, parent.key)
                 cache.admit(k, out)  # evictions first: their buffers can go to this forward
-                add((_COMPUTE, k, parent, out, d == depth))
+                add((_COMPUTE, k, parent, out, d == depth, tuple(frees) if frees else None))
+                frees.clear()
                 stack.append((k, out.acquire()))
                 parent = out
             add((_FINISH, key, None if failed else stack.copy(), failed))
@@ -155,6 +158,8 @@ def _plan(
         for k in pinned:
             cache.unpin(k)
         pool.deferred = None
+        if frees:
+            add((_FREE, tuple(frees)))
     return ops, hits
 
 
@@ -164,19 +169,24 @@ def _run(
     """Run a plan. If a block forward or ``finish`` raises, the rest of the plan gives its
     buffers back and the cache drops the prefixes the plan admitted but never computed."""
     poisoned = False
+    give = pool.give
     it = iter(ops)
     op: tuple = ()
     try:
         for op in it:
             code = op[0]
             if code == _COMPUTE:
-                _, key, parent, out, last = op
+                _, key, parent, out, last, frees = op
+                if frees is not None:
+                    for h in frees:
+                        give(h)
                 if parent.bad is None:
                     compute(key, parent, out, last)
                 else:  # extends a prefix that proved bad during this run
                     out.bad = parent.bad
             elif code == _FREE:
-                pool.give(op[1])
+                for h in op[1]:
+                    give(h)
             else:
                 _, key, path, failed = op
                 if path is None:
@@ -198,8 +208,9 @@ def _run(
         if op and op[0] == _COMPUTE:
             op[3].bad = "its block forward raised"  # filled, but maybe only in part
         for op in it:
-            if op[0] == _FREE:
-                pool.give(op[1])
+            frees = op[5] if op[0] == _COMPUTE else op[1] if op[0] == _FREE else None
+            for h in frees or ():
+                give(h)
         _drop(cache, poison, poisoned)
         raise
     if poisoned:  # else every planned prefix was computed and is good
