@@ -153,10 +153,6 @@ class Engine:
         # on CUDA, block forwards are timed with events (host timers would see launches only)
         self._events: list[tuple[Any, Any]] | None = [] if self.device.type == "cuda" else None
         self._itemsize = torch.empty((), dtype=self.dtype).element_size()
-        # on the CPU, a candidate's tail runs on each chunk of its last block's output while
-        # that is still in the CPU caches (target statistics need the whole set first)
-        self._fuse_tail = self.device.type == "cpu" and norm == "source"
-        self._fused: tuple[Key, list[torch.Tensor]] | None = None
         self._retain: list[tuple[int, ...]] = []
         self._protect_dirty = False
 
@@ -431,12 +427,11 @@ class Engine:
         self.stats.stem_seconds += time.perf_counter() - t0
         return level.root
 
-    def _compute(self, level: _Level, key: Key, parent: Handle, out: Handle, last: bool) -> None:
+    def _compute(self, level: _Level, key: Key, parent: Handle, out: Handle) -> None:
         """Fill ``out``, the activation of prefix ``key``, from its parent's: the block writes
         into the pooled buffer itself when it defines ``forward_into(x, out)`` (the isoresnet
         and compositional blocks do; fp32 with the bank's statistics), else its output is
-        copied in. When ``key`` is a candidate (``last``) its tail runs on each chunk right
-        after the block, while the chunk is still in the CPU caches."""
+        copied in."""
         t0 = time.perf_counter()
         if self._events is not None:
             start = torch.cuda.Event(enable_timing=True)
@@ -447,22 +442,9 @@ class Engine:
         # block_at: banks with per-position statistics run the block bound to this position
         block = self._blocks[key[-1]] if self._blocks is not None else self.bank.block_at(key[-1], len(key) - 2)
         into = getattr(block, "forward_into", None) if self._direct else None
-        direct = into is not None
-        tail_seconds = 0.0
-        if last and self._fuse_tail:
-            tail, parts = self._tail, []
-            for x, y in zip(src, dst):
-                if direct:
-                    into(x, y)  # type: ignore[misc]
-                else:
-                    y.copy_(block(x))
-                t1 = time.perf_counter()
-                parts.append(tail(y))
-                tail_seconds += time.perf_counter() - t1
-            self._fused = (key, parts)
-        elif direct:
+        if into is not None:
             for x, y in zip(src, dst):  # the block writes into the cache's buffer: no copy
-                into(x, y)  # type: ignore[misc]
+                into(x, y)
         else:
             self._forward(block, src, level, key[-1], key, lambda i, y: dst[i].copy_(y))
         st = self.stats
@@ -473,8 +455,7 @@ class Engine:
             end.record()
             self._events.append((start, end))
         else:
-            st.block_seconds += time.perf_counter() - t0 - tail_seconds
-            st.output_seconds += tail_seconds
+            st.block_seconds += time.perf_counter() - t0
 
     def _sum_events(self) -> None:
         """Add the GPU time of the block forwards queued since the last call to the stats."""
@@ -489,12 +470,8 @@ class Engine:
             self._events[-1][1].synchronize()
         t0 = time.perf_counter()
         assert handle.chunks is not None
-        fused, self._fused = self._fused, None
-        if fused is not None and fused[0] == key:  # the tail ran with the last block forward
-            parts = fused[1]
-        else:
-            parts = [handle.chunks[0]] * len(handle.chunks)
-            self._forward(self._tail, handle.chunks, level, "tail", ("tail", key), parts.__setitem__)
+        parts: list[torch.Tensor] = [handle.chunks[0]] * len(handle.chunks)
+        self._forward(self._tail, handle.chunks, level, "tail", ("tail", key), parts.__setitem__)
         outputs = torch.cat([p.float() for p in parts]).to("cpu")
         self.stats.output_seconds += time.perf_counter() - t0
         return outputs

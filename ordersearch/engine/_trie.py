@@ -39,9 +39,8 @@ __all__ = ["Bad", "count_distinct_prefixes", "prefixes", "walk"]
 #: A prefix whose activation proved bad, and why (what ``finish`` may return to the walk).
 Bad = tuple[Key, str] | None
 
-#: ``compute(key, parent, out, last)`` fills ``out`` (the activation of ``key``) from
-#: ``parent``'s; ``last``: ``key`` is a candidate, finished right after.
-Compute = Callable[[Key, Handle, Handle, bool], None]
+#: ``compute(key, parent, out)`` fills ``out`` (the activation of ``key``) from ``parent``'s.
+Compute = Callable[[Key, Handle, Handle], None]
 #: ``finish(key, path, failed)``, see :func:`walk`.
 Finish = Callable[[Key, list[tuple[Key, Handle]] | None, str | None], Bad]
 
@@ -134,15 +133,14 @@ def _plan(
                 hits += 1
             failed = None
             parent = stack[-1][1]
-            depth = len(key)
-            for d in range(len(stack[-1][0]) + 1, depth + 1):
+            for d in range(len(stack[-1][0]) + 1, len(key) + 1):
                 k = key[:d]
                 failed = poison.get(k)
                 if failed is not None:
                     break
                 out = Handle(parent.nbytes, pool, parent.key)
                 cache.admit(k, out)  # evictions first: their buffers can go to this forward
-                add((_COMPUTE, k, parent, out, d == depth, tuple(frees) if frees else None))
+                add((_COMPUTE, k, parent, out, tuple(frees) if frees else None))
                 frees.clear()
                 stack.append((k, out.acquire()))
                 parent = out
@@ -176,12 +174,12 @@ def _run(
         for op in it:
             code = op[0]
             if code == _COMPUTE:
-                _, key, parent, out, last, frees = op
+                _, key, parent, out, frees = op
                 if frees is not None:
                     for h in frees:
                         give(h)
                 if parent.bad is None:
-                    compute(key, parent, out, last)
+                    compute(key, parent, out)
                 else:  # extends a prefix that proved bad during this run
                     out.bad = parent.bad
             elif code == _FREE:
@@ -208,7 +206,7 @@ def _run(
         if op and op[0] == _COMPUTE:
             op[3].bad = "its block forward raised"  # filled, but maybe only in part
         for op in it:
-            frees = op[5] if op[0] == _COMPUTE else op[1] if op[0] == _FREE else None
+            frees = op[4] if op[0] == _COMPUTE else op[1] if op[0] == _FREE else None
             for h in frees or ():
                 give(h)
         _drop(cache, poison, poisoned)
