@@ -218,6 +218,32 @@ def test_gdsf_evicts_leaves_first(banks, data):
     assert sorted(engine.cache.keys()) == [(0, 0), (0, 0, 1), (0, 3)]
 
 
+def test_eviction_order_does_not_depend_on_the_activation_size():
+    """The benchmark counts a real bank's block forwards on a proxy bank of tiny activations:
+    the same stream at the same budget in nodes must make the same evictions. (With the
+    priority's size in MiB, float rounding broke ties differently: a ViT-S/16 stream ran
+    2445 block forwards where its proxy ran 2436.)"""
+    from ordersearch.engine._cache import BufferPool, Handle, PrefixCache
+    from ordersearch.engine._trie import walk
+
+    rng = random.Random(0)
+    batches = [[tuple(rng.randrange(12) for _ in range(rng.randint(1, 12))) for _ in range(8)] for _ in range(40)]
+    counts = {}
+    for node in (32, 197 * 384 * 4 * 512):  # a proxy's node; ViT-S/16 at 224 px on 512 images
+        for policy in ("gdsf", "lru"):
+            cache = PrefixCache(int(37.5 * node), policy)
+            pool = BufferPool(lambda key: (torch.empty(0), []))
+            root = Handle(node, pool).acquire()
+            computed: list = []
+            for batch in batches:
+                keys = sorted({(0, *ids) for ids in batch})
+                walk(keys, cache, pool, root, lambda k, p, o, log=computed: log.append(k), lambda k, p, f: None, {})
+            assert cache.evictions > 100  # the budget binds
+            counts[node, policy] = computed
+    assert counts[32, "gdsf"] == counts[197 * 384 * 4 * 512, "gdsf"]
+    assert counts[32, "lru"] == counts[197 * 384 * 4 * 512, "lru"]
+
+
 def test_retain_hints_keep_nodes(banks, data):
     bank, evalset = banks["isoresnet"], data["isoresnet"]
     node = _node_bytes(bank, evalset)

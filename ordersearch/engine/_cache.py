@@ -197,12 +197,16 @@ class LRU(CachePolicy):
 
 
 class GDSF(CachePolicy):
-    """GreedyDual-Size-Frequency over leaves: ``clock + hits * cost / MiB``.
+    """GreedyDual-Size-Frequency over leaves: ``clock + hits * cost / size``.
 
     ``cost`` is the number of block forwards that rebuild the entry from its nearest cached
     ancestor (the stem output counts as cached), measured on admission and on each hit;
     ``clock`` rises to the priority of each evicted entry, so entries that stop being used age
-    out however often they were used before.
+    out however often they were used before. ``size`` is in units of the first entry admitted:
+    entries of one EvalSet all have size 1, so priorities are exact integers and the eviction
+    order does not depend on how large a bank's activations are (a proxy bank of tiny blocks
+    replays a real bank's counts exactly); a subset's smaller entries (multi-fidelity) weigh
+    less.
     """
 
     name = "gdsf"
@@ -210,16 +214,20 @@ class GDSF(CachePolicy):
 
     def __init__(self) -> None:
         self.clock = 0.0
+        self.unit = 0
 
     def priority(self, entry: _Entry, cache: PrefixCache) -> float:
         entry.cost = cache.recompute_cost(entry.key)
-        return self.clock + entry.hits * entry.cost / max(entry.nbytes / 2**20, 1e-6)
+        if not self.unit:
+            self.unit = max(entry.nbytes, 1)
+        return self.clock + entry.hits * entry.cost / (max(entry.nbytes, 1) / self.unit)
 
     def on_evict(self, entry: _Entry) -> None:
         self.clock = max(self.clock, entry.priority)
 
     def reset(self) -> None:
         self.clock = 0.0
+        self.unit = 0
 
 
 _POLICIES: dict[str, type[CachePolicy]] = {"gdsf": GDSF, "lru": LRU}
