@@ -326,6 +326,31 @@ def test_a_block_that_raises_leaves_the_engine_consistent(banks, data, monkeypat
     assert [s.value for s in got] == [_reference_score(bank, evalset, o, "probe") for o in orders]
 
 
+def test_an_interrupted_plan_leaves_the_engine_consistent(banks, data, monkeypatch):
+    bank, evalset = banks["isoresnet"], data["isoresnet"]
+    engine = Engine(bank, evalset, "probe", cache_bytes=int(2.5 * _node_bytes(bank, evalset)), dtype=torch.float32)
+    engine.evaluate(["0-1", "2"])
+    admit = engine.cache.admit
+    calls = []
+
+    def interrupted(key, handle):
+        calls.append(key)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return admit(key, handle)
+
+    monkeypatch.setattr(engine.cache, "admit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        engine.evaluate(["0-1-2", "0-2-3-1", "1-2"])
+    assert len(engine.cache_tensors()) == len(engine.cache)  # nothing planned is left unfilled
+    stem_output = len(evalset) * math.prod(bank.data_config["block_shape"]) * 4
+    assert engine.pool.bytes - engine.pool.free_bytes == engine.cache.bytes + stem_output
+    monkeypatch.setattr(engine.cache, "admit", admit)
+    orders = [Order([0, 1, 2]), Order([0, 2, 3, 1]), Order([1, 2])]
+    got = engine.evaluate(orders)
+    assert [s.value for s in got] == [_reference_score(bank, evalset, o, "probe") for o in orders]
+
+
 def test_an_objective_that_raises_fails_only_that_candidate(banks, data):
     """Candidates are scored together after their block forwards; when that batch raises,
     each is scored alone, so only the candidate that raises fails, with the reason."""

@@ -86,15 +86,21 @@ def walk(
             from the cache.
         poison: Failure reasons of prefixes known to fail (read and extended).
     """
-    ops, hits = _plan(keys, cache, pool, root, poison)
+    ops: list[tuple] = []
+    try:
+        hits = _plan(keys, cache, pool, root, poison, ops)
+    except BaseException:  # e.g. interrupted: nothing ran, the plan's buffers go back
+        _abandon(iter(ops), cache, pool, poison, False)
+        raise
     _run(ops, cache, pool, compute, finish, poison)
     return hits
 
 
 def _plan(
-    keys: list[Key], cache: PrefixCache, pool: BufferPool, root: Handle, poison: dict[Key, str]
-) -> tuple[list[tuple], int]:
-    """The walk over the cache's bookkeeping: the operations to run, and the cache hits."""
+    keys: list[Key], cache: PrefixCache, pool: BufferPool, root: Handle, poison: dict[Key, str], ops: list[tuple]
+) -> int:
+    """The walk over the cache's bookkeeping: appends the operations to run to ``ops``;
+    returns the cache hits."""
     # A cached node that a later order of this walk starts from is pinned until that order
     # is done, so the walk never pays for a prefix that was cached when it began. It is also
     # the only cached prefix the walk needs to look for: a prefix cached by the walk itself
@@ -114,7 +120,6 @@ def _plan(
                 cache.pin(start)
             pinned[start] = pinned.get(start, 0) + 1
 
-    ops: list[tuple] = []
     add = ops.append
     hits = 0
     stack: list[tuple[Key, Handle]] = [(keys[0][:1] if keys else (), root.acquire())]
@@ -158,14 +163,14 @@ def _plan(
         pool.deferred = None
         if frees:
             add((_FREE, tuple(frees)))
-    return ops, hits
+    return hits
 
 
 def _run(
     ops: list[tuple], cache: PrefixCache, pool: BufferPool, compute: Compute, finish: Finish, poison: dict[Key, str]
 ) -> None:
-    """Run a plan. If a block forward or ``finish`` raises, the rest of the plan gives its
-    buffers back and the cache drops the prefixes the plan admitted but never computed."""
+    """Run a plan. If a block forward or ``finish`` raises, the rest of the plan is
+    abandoned (:func:`_abandon`)."""
     poisoned = False
     give = pool.give
     it = iter(ops)
@@ -205,14 +210,20 @@ def _run(
     except BaseException:
         if op and op[0] == _COMPUTE:
             op[3].bad = "its block forward raised"  # filled, but maybe only in part
-        for op in it:
-            frees = op[4] if op[0] == _COMPUTE else op[1] if op[0] == _FREE else None
-            for h in frees or ():
-                give(h)
-        _drop(cache, poison, poisoned)
+        _abandon(it, cache, pool, poison, poisoned)
         raise
     if poisoned:  # else every planned prefix was computed and is good
         _drop(cache, poison, poisoned)
+
+
+def _abandon(rest: Iterator[tuple], cache: PrefixCache, pool: BufferPool, poison: dict[Key, str], poisoned: bool) -> None:
+    """The plan stops before ``rest``: give back the buffers it would have, and drop the
+    prefixes it admitted but did not compute."""
+    for op in rest:
+        frees = op[4] if op[0] == _COMPUTE else op[1] if op[0] == _FREE else None
+        for h in frees or ():
+            pool.give(h)
+    _drop(cache, poison, poisoned)
 
 
 def _drop(cache: PrefixCache, poison: dict[Key, str], poisoned: bool) -> None:
