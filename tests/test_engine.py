@@ -297,6 +297,23 @@ def test_nan_candidate_fails_without_killing_the_batch(data):
     assert not again.ok and "after block 2 at position 1" in again.failed and engine.stats.block_evals == 7
 
 
+_BATCH = ["0-1-2", "0-2-3-1", "1-2"]
+
+
+def _assert_consistent(engine, bank, evalset) -> None:
+    """Every cached prefix has its activation, and the pool holds nothing but the cache's
+    buffers and the stem output (float32)."""
+    assert len(engine.cache_tensors()) == len(engine.cache)
+    stem_output = len(evalset) * math.prod(bank.data_config["block_shape"]) * 4
+    assert engine.pool.bytes - engine.pool.free_bytes == engine.cache.bytes + stem_output
+
+
+def _assert_scores_the_batch_again(engine, bank, evalset) -> None:
+    orders = [Order.parse(o) for o in _BATCH]
+    got = engine.evaluate(orders)
+    assert [s.value for s in got] == [_reference_score(bank, evalset, o, "probe") for o in orders]
+
+
 def test_a_block_that_raises_leaves_the_engine_consistent(banks, data, monkeypatch):
     """A walk plans a batch's cache bookkeeping before any block runs; when a block forward
     raises, the cache drops what the plan admitted but never computed and every buffer goes
@@ -315,15 +332,11 @@ def test_a_block_that_raises_leaves_the_engine_consistent(banks, data, monkeypat
 
     monkeypatch.setattr(IsoBlock, "forward_into", failing)
     with pytest.raises(RuntimeError, match="boom"):
-        engine.evaluate(["0-1-2", "0-2-3-1", "1-2"])
-    assert all(t is not None for t in engine.cache_tensors()) and len(engine.cache_tensors()) == len(engine.cache)
+        engine.evaluate(_BATCH)
     assert (0, 0, 2, 3) not in engine.cache and (0, 0, 2, 3, 1) not in engine.cache  # planned, never computed
-    stem_output = len(evalset) * math.prod(bank.data_config["block_shape"]) * 4
-    assert engine.pool.bytes - engine.pool.free_bytes == engine.cache.bytes + stem_output  # nothing else held
+    _assert_consistent(engine, bank, evalset)
     monkeypatch.setattr(IsoBlock, "forward_into", into)
-    orders = [Order([0, 1, 2]), Order([0, 2, 3, 1]), Order([1, 2])]
-    got = engine.evaluate(orders)
-    assert [s.value for s in got] == [_reference_score(bank, evalset, o, "probe") for o in orders]
+    _assert_scores_the_batch_again(engine, bank, evalset)
 
 
 def test_an_interrupted_plan_leaves_the_engine_consistent(banks, data, monkeypatch):
@@ -341,14 +354,10 @@ def test_an_interrupted_plan_leaves_the_engine_consistent(banks, data, monkeypat
 
     monkeypatch.setattr(engine.cache, "admit", interrupted)
     with pytest.raises(KeyboardInterrupt):
-        engine.evaluate(["0-1-2", "0-2-3-1", "1-2"])
-    assert len(engine.cache_tensors()) == len(engine.cache)  # nothing planned is left unfilled
-    stem_output = len(evalset) * math.prod(bank.data_config["block_shape"]) * 4
-    assert engine.pool.bytes - engine.pool.free_bytes == engine.cache.bytes + stem_output
+        engine.evaluate(_BATCH)
+    _assert_consistent(engine, bank, evalset)
     monkeypatch.setattr(engine.cache, "admit", admit)
-    orders = [Order([0, 1, 2]), Order([0, 2, 3, 1]), Order([1, 2])]
-    got = engine.evaluate(orders)
-    assert [s.value for s in got] == [_reference_score(bank, evalset, o, "probe") for o in orders]
+    _assert_scores_the_batch_again(engine, bank, evalset)
 
 
 def test_an_objective_that_raises_fails_only_that_candidate(banks, data):

@@ -152,7 +152,6 @@ class Engine:
         self._direct = norm == "source" and self.dtype == torch.float32
         # on CUDA, block forwards are timed with events (host timers would see launches only)
         self._events: list[tuple[Any, Any]] | None = [] if self.device.type == "cuda" else None
-        self._itemsize = torch.empty((), dtype=self.dtype).element_size()
         self._retain: list[tuple[int, ...]] = []
         self._protect_dirty = False
 
@@ -417,7 +416,7 @@ class Engine:
         def write(i: int, y: torch.Tensor) -> None:
             if not handle:
                 shape = tuple(y.shape[1:])
-                handle.append(Handle(level.n * math.prod(shape) * self._itemsize, self.pool, (level.n, shape)))
+                handle.append(Handle(level.n * math.prod(shape) * self.dtype.itemsize, self.pool, (level.n, shape)))
                 self.pool.fill(handle[0])
             handle[0].chunks[i].copy_(y)  # type: ignore[index]
 
