@@ -178,16 +178,20 @@ class Probe(Objective):
             f = lam[:, None, :] / (lam[:, None, :] + state.alphas[:, None] * n)  # (B, A, r): shrinkage
             fit = ((f[:, :, None, :] * uty.mT[:, None]).reshape(b, a * c, -1) @ ut).reshape(b, a, c, n)
             lev = (f @ ut.square() + 1.0 / n).clamp(max=1 - 1e-9)  # (B, A, n): hat diagonal, with intercept
-            loo = (state.onehot_t - fit) / (1 - lev)[:, :, None, :]  # (B, A, C, n): leave-one-out residuals
-            best = [_least(errs) for errs in loo.square().sum((2, 3)).tolist()]
+            res = state.onehot_t - fit  # (B, A, C, n): residuals
+            # leave-one-out residuals are res / (1 - lev): their squared sum per alpha without
+            # materialising them (the (B, A, C, n) passes dominate the probe's time)
+            loo_err = torch.linalg.vecdot(res, res, dim=2) / (1 - lev).square()  # (B, A, n)
+            best = [_least(errs) for errs in loo_err.sum(2).tolist()]
             rows, pick = torch.arange(b), torch.tensor(best)
             # val predictions: z^T u = v diag(sqrt(lam)), so w = z^T u diag(1 / (lam + a n)) u^T y
             g = uty / (lam + state.alphas[pick][:, None] * n)[..., None]  # (B, r, C)
-            pred_val = (zvat.mT @ (zt @ (ut.mT @ g)) + state.y_mean).argmax(2)  # (B, n_val)
+            pred_val = _argmax(zvat.mT @ (zt @ (ut.mT @ g)) + state.y_mean, 2)  # (B, n_val)
             val_acc = (pred_val == state.y_val).double().mean(1).tolist()
             y_mean = state.y_mean[:, None]
-            loo_acc = ((state.onehot_t - loo[rows, pick] + y_mean).argmax(1) == state.y_train).double().mean(1)
-            train_acc = ((fit[rows, pick] + y_mean).argmax(1) == state.y_train).double().mean(1)
+            loo = res[rows, pick] / (1 - lev[rows, pick])[:, None, :]  # (B, C, n): at the chosen alpha
+            loo_acc = (_argmax(state.onehot_t - loo + y_mean, 1) == state.y_train).double().mean(1)
+            train_acc = (_argmax(fit[rows, pick] + y_mean, 1) == state.y_train).double().mean(1)
             return [
                 (acc, {"alpha": self.alphas[i], "loo_accuracy": la, "train_accuracy": ta})
                 for acc, i, la, ta in zip(val_acc, best, loo_acc.tolist(), train_acc.tolist())
@@ -215,6 +219,13 @@ def _left_singular(zt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 _GROUP_BYTES = 2 * 2**20
+
+
+def _argmax(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """``x.argmax(dim)`` (the first of tied maxima too), computed by ``max``: on the CPU
+    ``argmax`` over a dimension that is not the last ran 6x slower (2.5 ms for a batch's
+    (64, 10, 192) class scores)."""
+    return x.max(dim).indices
 
 
 def _least(errs: list[float]) -> int:
