@@ -260,6 +260,16 @@ def test_retain_hints_keep_nodes(banks, data):
     assert kept == {False: False, True: True, "cost False": 4, "cost True": 1}
 
 
+def test_retained_keys_are_every_prefix_at_every_level():
+    from ordersearch.engine._engine import _retained_keys
+
+    rng = random.Random(3)
+    pop = [tuple(rng.randrange(4) for _ in range(rng.randint(0, 6))) for _ in range(40)]
+    pop += [p[:2] for p in pop[:5]] + [pop[0]]  # prefixes of others, and a repeat
+    want = {(lv, *o[:d]) for lv in (0, 2) for o in pop for d in range(1, len(o) + 1)}
+    assert _retained_keys([0, 2], pop) == want
+
+
 def test_no_reference_cycles_hold_activations(banks, data):
     bank, evalset = banks["isoresnet"], data["isoresnet"]
     gc.disable()
@@ -493,6 +503,17 @@ def test_score_to_dict_is_json_friendly():
     assert s.to_dict() == {
         "order": [1, 2], "value": None, "metrics": {}, "failed": "boom", "n_images": 10, "intermediate": {}
     }
+
+
+def test_timers_split_the_wall_clock_time(banks, data):
+    engine = Engine(banks["isoresnet"], data["isoresnet"], "probe", cache_bytes=2**24)
+    engine.evaluate(_random_orders(4, 12, seed=4))
+    st = engine.stats
+    parts = st.block_seconds + st.stem_seconds + st.output_seconds + st.objective_seconds
+    assert 0 < st.block_seconds and 0 < st.output_seconds and 0 < st.objective_seconds
+    assert parts + st.plan_seconds <= st.total_seconds  # planning is part of the overhead
+    assert 0 < st.plan_seconds <= st.overhead_seconds
+    assert st.as_dict()["plan_us_per_candidate"] == pytest.approx(1e6 * st.plan_seconds / st.candidates)
 
 
 @pytest.mark.gpu

@@ -33,7 +33,7 @@ from ..order import Order
 from ._cache import BufferPool, CachePolicy, Handle, Key, PrefixCache
 from ._malloc import tune_malloc
 from ._norm import BNStats, batchnorm_modules, run_with_target_stats
-from ._trie import Bad, prefixes, walk
+from ._trie import Bad, walk
 from ._types import EngineStats, Score
 from .objectives import Objective, get_objective
 
@@ -185,8 +185,7 @@ class Engine:
         if retain is not None:
             self.retain(retain)
         if self._protect_dirty:
-            levels = [lv.index for lv in self._levels.values()]
-            self.cache.protect((i, *p) for i in levels for r in self._retain for p in prefixes(r))
+            self.cache.protect(_retained_keys([lv.index for lv in self._levels.values()], self._retain))
             self._protect_dirty = False
         st = self.stats
         st.candidates += len(parsed)
@@ -234,9 +233,11 @@ class Engine:
                             score_pending()
                     return bad
 
-                st.cache_hits += walk(
+                hits, planned = walk(
                     keys, self.cache, self.pool, root, functools.partial(self._compute, level), finish, level.poison
                 )
+                st.cache_hits += hits
+                st.plan_seconds += planned
                 if pending:
                     score_pending()
             if self.memo:
@@ -355,12 +356,15 @@ class Engine:
         return level
 
     def _see(self, level: _Level, ids: tuple[int, ...]) -> None:
-        if ids in level.seen:
-            return
-        for p in prefixes(ids):
-            if p not in level.seen:
-                level.seen.add(p)
-                self.stats.min_block_evals += 1
+        """Count the prefixes of ``ids`` not seen before (longest first: the prefixes of a
+        seen prefix have been seen)."""
+        seen = level.seen
+        for d in range(len(ids), 0, -1):
+            p = ids[:d]
+            if p in seen:
+                break
+            seen.add(p)
+            self.stats.min_block_evals += 1
 
     def _update_memory_stats(self) -> None:
         st = self.stats
@@ -524,3 +528,20 @@ class Engine:
             f"norm={self.norm}, cache={self.cache.capacity / 2**20:.0f} MiB/{self.cache.policy.name}, "
             f"device={self.device}, dtype={str(self.dtype).removeprefix('torch.')})"
         )
+
+
+def _retained_keys(levels: list[int], retain: list[tuple[int, ...]]) -> set[Key]:
+    """The cache keys of every non-empty prefix of the ``retain`` orders at each level. A
+    population's orders share most of their prefixes: an order's are added longest first,
+    stopping at the first already there (its shorter prefixes are too), which made this
+    several times cheaper than listing every prefix of every order (it ran once per batch)."""
+    keys: set[Key] = set()
+    for i in levels:
+        for r in retain:
+            for d in range(len(r), 0, -1):
+                key = (i, *r[:d])
+                if key in keys:
+                    break
+                keys.add(key)
+    return keys
+

@@ -30,6 +30,7 @@ forward (on GPUs) needs.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Iterable, Iterator
 
 from ._cache import BufferPool, Handle, Key, PrefixCache
@@ -69,8 +70,9 @@ def walk(
     compute: Compute,
     finish: Finish,
     poison: dict[Key, str],
-) -> int:
-    """Visit the sorted, distinct ``keys`` depth-first; returns the number of cache hits.
+) -> tuple[int, float]:
+    """Visit the sorted, distinct ``keys`` depth-first; returns the number of cache hits and
+    the seconds spent planning (the walk's own bookkeeping, without the block forwards).
 
     Args:
         keys: Sorted distinct keys ``(level, b1, ..., bd)``; ``root`` is the key ``(level,)``.
@@ -87,13 +89,15 @@ def walk(
         poison: Failure reasons of prefixes known to fail (read and extended).
     """
     ops: list[tuple] = []
+    t0 = time.perf_counter()
     try:
         hits = _plan(keys, cache, pool, root, poison, ops)
     except BaseException:  # e.g. interrupted: nothing ran, the plan's buffers go back
         _abandon(iter(ops), cache, pool, poison, False)
         raise
+    planned = time.perf_counter() - t0
     _run(ops, cache, pool, compute, finish, poison)
-    return hits
+    return hits, planned
 
 
 def _plan(

@@ -76,6 +76,8 @@ class EngineStats:
         output_seconds: Time in the tail (pooled features or head logits).
         objective_seconds: Time in objective scoring (e.g. the ridge probe).
         total_seconds: Wall-clock time inside ``evaluate``.
+        plan_seconds: Time planning walks over the cache's bookkeeping (which prefixes to
+            compute, admit and evict): part of the overhead, the trie's own share of it.
     """
 
     candidates: int = 0
@@ -97,6 +99,7 @@ class EngineStats:
     output_seconds: float = 0.0
     objective_seconds: float = 0.0
     total_seconds: float = 0.0
+    plan_seconds: float = 0.0
 
     @property
     def overhead_seconds(self) -> float:
@@ -109,6 +112,10 @@ class EngineStats:
     @property
     def overhead_us_per_candidate(self) -> float:
         return 1e6 * self.overhead_seconds / max(self.candidates, 1)
+
+    @property
+    def plan_us_per_candidate(self) -> float:
+        return 1e6 * self.plan_seconds / max(self.candidates, 1)
 
     @property
     def cache_efficiency(self) -> float:
@@ -125,6 +132,7 @@ class EngineStats:
         out.update(
             overhead_seconds=self.overhead_seconds,
             overhead_us_per_candidate=self.overhead_us_per_candidate,
+            plan_us_per_candidate=self.plan_us_per_candidate,
             cache_efficiency=self.cache_efficiency,
             saving=self.saving,
         )
