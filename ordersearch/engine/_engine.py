@@ -533,8 +533,7 @@ class Engine:
 def _retained_keys(levels: list[int], retain: list[tuple[int, ...]]) -> set[Key]:
     """The cache keys of every non-empty prefix of the ``retain`` orders at each level. A
     population's orders share most of their prefixes: an order's are added longest first,
-    stopping at the first already there (its shorter prefixes are too), which made this
-    several times cheaper than listing every prefix of every order (it ran once per batch)."""
+    stopping at the first already there (its shorter prefixes are too)."""
     keys: set[Key] = set()
     for i in levels:
         for r in retain:
@@ -544,4 +543,3 @@ def _retained_keys(levels: list[int], retain: list[tuple[int, ...]]) -> set[Key]
                     break
                 keys.add(key)
     return keys
-
