@@ -33,7 +33,7 @@ from ..order import Order
 from ._cache import BufferPool, CachePolicy, Handle, Key, PrefixCache
 from ._malloc import tune_malloc
 from ._norm import BNStats, batchnorm_modules, run_with_target_stats
-from ._trie import Bad, walk
+from ._trie import Bad, add_prefixes, walk
 from ._types import EngineStats, Score
 from .objectives import Objective, get_objective
 
@@ -356,15 +356,8 @@ class Engine:
         return level
 
     def _see(self, level: _Level, ids: tuple[int, ...]) -> None:
-        """Count the prefixes of ``ids`` not seen before (longest first: the prefixes of a
-        seen prefix have been seen)."""
-        seen = level.seen
-        for d in range(len(ids), 0, -1):
-            p = ids[:d]
-            if p in seen:
-                break
-            seen.add(p)
-            self.stats.min_block_evals += 1
+        """Count the prefixes of ``ids`` not seen before."""
+        self.stats.min_block_evals += add_prefixes(level.seen, ids)
 
     def _update_memory_stats(self) -> None:
         st = self.stats
@@ -531,15 +524,10 @@ class Engine:
 
 
 def _retained_keys(levels: list[int], retain: list[tuple[int, ...]]) -> set[Key]:
-    """The cache keys of every non-empty prefix of the ``retain`` orders at each level. A
-    population's orders share most of their prefixes: an order's are added longest first,
-    stopping at the first already there (its shorter prefixes are too)."""
+    """The cache keys of every non-empty prefix of the ``retain`` orders at each level (a
+    population's orders share most of theirs: :func:`add_prefixes` stops at the first known)."""
     keys: set[Key] = set()
     for i in levels:
         for r in retain:
-            for d in range(len(r), 0, -1):
-                key = (i, *r[:d])
-                if key in keys:
-                    break
-                keys.add(key)
+            add_prefixes(keys, (i, *r), shortest=2)
     return keys

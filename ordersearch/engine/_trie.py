@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Iterator
 
 from ._cache import BufferPool, Handle, Key, PrefixCache
 
-__all__ = ["Bad", "count_distinct_prefixes", "prefixes", "walk"]
+__all__ = ["Bad", "add_prefixes", "count_distinct_prefixes", "walk"]
 
 #: A prefix whose activation proved bad, and why (what ``finish`` may return to the walk).
 Bad = tuple[Key, str] | None
@@ -48,18 +48,24 @@ Finish = Callable[[Key, list[tuple[Key, Handle]] | None, str | None], Bad]
 _COMPUTE, _FREE, _FINISH = 0, 1, 2
 
 
-def prefixes(ids: tuple[int, ...]) -> Iterator[tuple[int, ...]]:
-    """The non-empty prefixes of ``ids``, shortest first."""
-    for d in range(1, len(ids) + 1):
-        yield ids[:d]
+def add_prefixes(seen: set[tuple[int, ...]], key: tuple[int, ...], shortest: int = 1) -> int:
+    """Add to ``seen`` the prefixes of ``key`` of length ``shortest`` and more that it lacks;
+    returns how many. ``seen`` must hold every such prefix of each key it holds (as this keeps
+    it): the prefixes are then added longest first, stopping at the first already there."""
+    added = 0
+    for d in range(len(key), shortest - 1, -1):
+        p = key[:d]
+        if p in seen:
+            break
+        seen.add(p)
+        added += 1
+    return added
 
 
 def count_distinct_prefixes(orders: Iterable[Iterable[int]]) -> int:
     """Distinct non-empty prefixes over ``orders``: the block forwards an unlimited cache runs."""
     seen: set[tuple[int, ...]] = set()
-    for o in orders:
-        seen.update(prefixes(tuple(o)))
-    return len(seen)
+    return sum(add_prefixes(seen, tuple(o)) for o in orders)
 
 
 def walk(
