@@ -11,12 +11,21 @@ import logging
 from .adapters import bank_from_model, list_adapters, load_bank, register_adapter
 from .bank import Bank
 from .build import OrderedModel, build_model
-from .engine import Engine, EngineStats, Objective, Score, get_objective, list_objectives
+from .engine import Engine, EngineConfig, EngineStats, Objective, Score, get_objective, list_objectives
 from .errors import BankError, DataError, OrderError, OrderSearchError, SearchError, SpecError
 from .evalset import EvalSet
 from .isoresnet import IsoResNet, IsoResNetConfig
 from .order import SKIP, Order
-from .search import SearchResult, get_searcher, list_searchers, register_searcher, search
+from .search import (
+    JobResult,
+    SearchJob,
+    SearchResult,
+    SelectionConfig,
+    get_searcher,
+    list_searchers,
+    register_searcher,
+    search,
+)
 from .space import OrderSpace
 from .spec import OrderSpec, load_order, save_order
 from .train import TrainConfig, train_bank
@@ -32,9 +41,11 @@ __all__ = [
     "BankError",
     "DataError",
     "Engine",
+    "EngineConfig",
     "EngineStats",
     "EvalSet",
     "IsoResNet",
+    "JobResult",
     "Objective",
     "IsoResNetConfig",
     "Order",
@@ -46,7 +57,9 @@ __all__ = [
     "SKIP",
     "Score",
     "SearchError",
+    "SearchJob",
     "SearchResult",
+    "SelectionConfig",
     "SpecError",
     "TrainConfig",
     "bank_from_model",

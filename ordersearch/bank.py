@@ -87,7 +87,10 @@ class Bank(nn.Module):
         self.source = source
         self.model_kwargs = dict(model_kwargs or {})
         self.data_config = dict(data_config or {})
-        self.path: str | None = None  # set when loaded from a saved file
+        self.path: str | None = None  # the saved file it was loaded from or saved to
+        # how load_bank got the weights (pretrained, checkpoint and its sha256, or the seed of a
+        # random initialisation): with source and model_kwargs, what rebuilds the same bank
+        self.weights: dict[str, Any] = {}
         self.source_orders: dict[str, Order] = {
             name: Order.parse(o).validate(len(blocks)) for name, o in (source_orders or {}).items()
         }
@@ -229,7 +232,11 @@ class Bank(nn.Module):
         tmp = path.with_name(path.name + ".tmp")
         save_model(self.model, str(tmp), metadata={"ordersearch": json.dumps(header)})
         tmp.replace(path)
-        path.with_name(path.name + ".json").write_text(json.dumps(header, indent=2) + "\n")
+        side = path.with_name(path.name + ".json")
+        tmp = side.with_name(side.name + ".tmp")
+        tmp.write_text(json.dumps(header, indent=2) + "\n")
+        tmp.replace(side)
+        self.path = str(path)
         log.info("saved bank %s (%d blocks) to %s", self.describe_source(), self.n_blocks, path)
         return path
 

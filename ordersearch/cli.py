@@ -48,9 +48,13 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
                       help="timm: a model argument, e.g. --model-arg img_size=64 (repeatable)")
 
+    from .cli_search import add_bank_options, add_commands
+
     show = sub.add_parser("show", help="print an order spec")
     show.add_argument("spec", help="order spec JSON file")
-    show.add_argument("--bank", help="also check the spec against this bank")
+    add_bank_options(show, required=False)
+    show.add_argument("--rebuild", action="store_true",
+                      help="also rebuild the model the spec names (its bank file, or source and weights)")
     show.add_argument("--json", action="store_true", help="print the spec as JSON")
 
     train = sub.add_parser("train", help="train a bank the paper's way: shared blocks, per-task soft orders")
@@ -64,8 +68,6 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     sub.add_parser("adapters", help="list the model families ordersearch can turn into banks")
-
-    from .cli_search import add_commands
 
     add_commands(sub)
     return p
@@ -130,17 +132,19 @@ def _demo(args: argparse.Namespace) -> int:
         close()
     print(f"\nsource bank: {config.bank} trained on {config.source} "
           f"(test accuracy {result.source_accuracy:.3f}{', reused' if result.bank_reused else ''})")
-    s, a = result.parts["search"], result.parts["adapt"]
-    rows = [
-        ["search", s["data"], "probe acc", f"{s['identity']}", f"{s['held_out']['identity']['probe_accuracy']:.3f}",
-         f"{s['best']}", f"{s['held_out']['best']['probe_accuracy']:.3f}"],
-        ["adapt", a["data"], "accuracy", f"{a['identity']}", f"{a['held_out']['identity']['accuracy']:.3f}",
-         f"{a['best']}", f"{a['held_out']['best']['accuracy']:.3f}"],
-    ]
-    print(_table(["part", "data (test split)", "metric", "identity", "score", "best order", "score"], rows))
-    print(f"(adapt: identity with the source model's own statistics scores "
-          f"{a['held_out']['identity_source_norm']['accuracy']:.3f}; both adapt rows re-estimate them on the target)")
-    print(f"\nwrote {result.files['report']}, {s['files']['spec']}, {a['files']['spec']} in {result.seconds:.0f} s")
+    rows = []
+    for name, p in result.parts.items():
+        rows.append([name, p.settings.get("data"), f"test {p.truth}", str(p.baseline.order), _fmt(p.baseline.test),
+                     str(p.chosen.order), _fmt(p.chosen.test)])
+    print(_table(["part", "data", "metric", "identity", "score", "chosen order", "score"], rows))
+    a = result.parts["adapt"]
+    if a.reference is not None:
+        print(f"(adapt: the unmodified source model scores {a.reference:.3f}; both adapt rows re-estimate "
+              "BatchNorm statistics on the target)")
+    for name, p in result.parts.items():
+        print(f"{name} verdict: {p.summary()}")
+    print(f"\nwrote {result.files['report']}, {result.files['search/spec']}, {result.files['adapt/spec']} "
+          f"in {result.seconds:.0f} s")
     return 0
 
 
@@ -201,21 +205,20 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
+    from .cli_search import bank_from_args
     from .spec import load_order
 
-    bank = None
-    if args.bank:
-        from .adapters import load_bank
-
-        bank = load_bank(args.bank)
+    bank = bank_from_args(args) if args.bank else None
     spec = load_order(args.spec, bank)
+    if args.rebuild and bank is None:
+        bank = spec.load_bank()
     if args.json:
         print(json.dumps(spec.to_json(), indent=2))
         return 0
     rows = [
         ["order", f"{spec.order}  (depth {len(spec.order)})"],
         ["bank", spec.bank.get("path") or spec.bank.get("source") or spec.bank.get("adapter")],
-        ["bank fingerprint", spec.bank["fingerprint"][:16] + ("  (matches --bank)" if bank is not None else "")],
+        ["bank fingerprint", spec.bank["fingerprint"][:16] + ("  (matches the bank)" if bank is not None else "")],
         ["objective", spec.objective],
         ["score", "-" if spec.score is None else f"{spec.score:.4f}"],
         ["searcher", spec.searcher],
@@ -225,6 +228,9 @@ def _show(args: argparse.Namespace) -> int:
     ]
     for key, value in sorted(spec.metrics.items()):
         rows.append([f"  {key}", f"{value:.4f}" if isinstance(value, float) else value])
+    summary = (spec.metadata.get("evidence") or {}).get("summary")
+    if summary:
+        rows.append(["verdict", summary])
     print(_table(["", ""], [r for r in rows if r[1] is not None], header=False))
     return 0
 

@@ -2,10 +2,12 @@
 
 ``ordersearch search`` finds an order for a new labelled dataset (``probe`` by default);
 ``ordersearch adapt`` adapts to an unlabelled target domain (``infomax`` by default, labels
-never used for the search). Both record every trial in an Optuna study (a SQLite file in
-``--out`` unless ``--storage`` says otherwise; the same ``--study`` resumes) and write
-``best_order.json``, ``trials.csv``, ``report.md`` and PNG plots. ``ordersearch export``
-writes the same files for an existing study.
+never used for the search). Both are thin callers of :class:`~ordersearch.search.SearchJob`:
+the searcher sees the data's *search* split only, the finalists are re-scored on *select*,
+and the answer ends with a verdict measured on held-out images. Every trial is recorded in an
+Optuna study (a SQLite file in ``--out`` unless ``--storage`` says otherwise; the same
+``--study`` resumes) and ``best_order.json``, ``trials.csv``, ``report.md`` and PNG plots are
+written. ``ordersearch export`` renders the same files from a finished study.
 
 ``cli.py`` registers them with :func:`add_commands` and calls ``args.handler(args)``.
 """
@@ -19,15 +21,14 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
-from .errors import OrderSearchError
-
-__all__ = ["RunConfig", "add_commands"]
+__all__ = ["RunConfig", "add_bank_options", "add_commands", "bank_from_args"]
 
 log = logging.getLogger("ordersearch")
 
 _DEFAULTS = {
-    "search": {"objective": "probe", "searcher": "tpe", "help": "search an order of a bank's blocks for a new labelled dataset"},
-    "adapt": {"objective": "infomax", "searcher": "evolution",
+    "search": {"objective": "probe", "searcher": "tpe", "norm": "source",
+               "help": "search an order of a bank's blocks for a new labelled dataset"},
+    "adapt": {"objective": "infomax", "searcher": "evolution", "norm": "target",
               "help": "adapt a bank to an unlabelled target domain by reordering its blocks"},
 }
 
@@ -47,7 +48,7 @@ class RunConfig:
     study: str | None = None
     seed: int = 0
     out: str = "runs/search"
-    split: str = "train+val"
+    splits: str | None = None
     n_images: int | None = None
     min_len: int = 1
     max_len: int | None = None
@@ -58,11 +59,31 @@ class RunConfig:
     timeout: float | None = None
     device: str | None = None
     cache_mb: int = 512
+    dtype: str | None = None
     norm: str = "source"
+    finalists: int = 10
+    resamples: int = 2000
     reliability_orders: int = 30
     pretrained: bool = False
     checkpoint: str | None = None
     model_arg: tuple[str, ...] = ()
+
+
+def add_bank_options(p: argparse.ArgumentParser, *, required: bool) -> None:
+    """``--bank`` and the options that say how its weights load (search, adapt, show, export)."""
+    p.add_argument("--bank", required=required, help="bank file or folder, timm:<name>, or isoresnet:...")
+    p.add_argument("--pretrained", action="store_true", help="timm: load pretrained weights")
+    p.add_argument("--checkpoint", help="local weights file for the model")
+    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+                   help="timm: a model argument, e.g. --model-arg img_size=64 (repeatable)")
+
+
+def bank_from_args(args: argparse.Namespace) -> Any:
+    """The bank ``--bank``, ``--pretrained``, ``--checkpoint`` and ``--model-arg`` name."""
+    from .adapters import load_bank, parse_model_args
+
+    return load_bank(args.bank, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                     **parse_model_args(args.model_arg))
 
 
 def add_commands(subparsers: Any) -> None:
@@ -73,7 +94,7 @@ def add_commands(subparsers: Any) -> None:
 
     for command, d in _DEFAULTS.items():
         p = subparsers.add_parser(command, help=d["help"], description=d["help"])
-        p.add_argument("--bank", required=True, help="bank file or folder, timm:<name>, or isoresnet:...")
+        add_bank_options(p, required=True)
         p.add_argument("--data", required=True, help="data spec, e.g. digits:rotate=30 or a folder")
         p.add_argument("--searcher", default=d["searcher"], choices=list_searchers(), help=f"default: {d['searcher']}")
         p.add_argument("--objective", default=d["objective"], choices=list_objectives(), help=f"default: {d['objective']}")
@@ -81,10 +102,15 @@ def add_commands(subparsers: Any) -> None:
         p.add_argument("--batch-size", type=int, default=8, help="orders asked and scored together (8)")
         p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///<out>/study.db)")
         p.add_argument("--study", help="study name; an existing study resumes (default: <command>-<objective>-<searcher>)")
-        p.add_argument("--seed", type=int, default=0, help="seed of data splits and searcher (0)")
+        p.add_argument("--seed", type=int, default=0, help="seed of data splits, searcher and bootstrap (0)")
         p.add_argument("--out", default=f"runs/{command}", help=f"run folder (default: runs/{command})")
-        p.add_argument("--split", default="train+val", help="data split(s) searched on (train+val); test is held out")
-        p.add_argument("--n-images", type=int, help="score on a seeded subset of this many images")
+        p.add_argument("--splits", metavar="SEARCH/SELECT/TEST",
+                       help="shares of the search, select and test parts when the data is not pre-split "
+                            "(default 60/20/20: train, val and test of the data spec)")
+        p.add_argument("--n-images", type=int, help="search on a seeded subset of this many search images")
+        p.add_argument("--finalists", type=int, default=10,
+                       help="best orders by search score re-scored on the select part (10; the identity always is)")
+        p.add_argument("--resamples", type=int, default=2000, help="paired bootstrap resamples over images (2000)")
         p.add_argument("--min-len", type=int, default=1, help="shortest order (1)")
         p.add_argument("--max-len", type=int, help="longest order (default: the number of blocks)")
         p.add_argument("--max-repeats", type=int,
@@ -93,15 +119,15 @@ def add_commands(subparsers: Any) -> None:
         p.add_argument("--prefix", default="", help="pinned first blocks, e.g. 0 or 0-1")
         p.add_argument("--fidelities", help="image counts to prune on first, e.g. 64,256 (successive halving)")
         p.add_argument("--timeout", type=float, help="stop asking new orders after this many seconds")
-        p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+        p.add_argument("--device", help="cpu or cuda (default: cuda when available, else cpu)")
+        p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                       help="block precision (default: float32 on cpu, bfloat16 on cuda)")
         p.add_argument("--cache-mb", type=int, default=512, help="prefix activation cache budget in MiB (512)")
-        p.add_argument("--norm", choices=("source", "target"), default="source", help="BatchNorm statistics (source)")
+        p.add_argument("--norm", choices=("source", "target"), default=d["norm"],
+                       help=f"BatchNorm statistics: the bank's (source) or re-estimated on the data per order "
+                            f"(target, AdaBN; default: {d['norm']})")
         p.add_argument("--reliability-orders", type=int, default=30,
-                       help="orders re-scored on two data halves for the report's reliability (30; 0: skip)")
-        p.add_argument("--pretrained", action="store_true", help="timm: load pretrained weights")
-        p.add_argument("--checkpoint", help="local weights file for the model")
-        p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
-                       help="timm: a model argument, e.g. --model-arg img_size=64 (repeatable)")
+                       help="orders re-scored on two halves of the search part for the report's reliability (30; 0: skip)")
         p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
         p.set_defaults(handler=_run, command=command)
 
@@ -110,7 +136,7 @@ def add_commands(subparsers: Any) -> None:
     e.add_argument("--study", required=True, help="study name")
     e.add_argument("--top", type=int, default=1, help="also export the N best orders to orders/rank<i>.json")
     e.add_argument("--out", help="output folder (default: export-<study>)")
-    e.add_argument("--bank", help="write specs through this bank (checked against the study's fingerprint)")
+    add_bank_options(e, required=False)
     e.set_defaults(handler=_export)
 
 
@@ -125,26 +151,32 @@ def _run(args: argparse.Namespace) -> int:
     import optuna
 
     from . import data as osdata
-    from .adapters import load_bank, parse_model_args
-    from .engine import get_objective
+    from .engine import EngineConfig, get_objective
     from .order import Order
-    from .report import held_out_scores, split_half_reliability, write_outputs
-    from .search import SearchError, search, sqlite_url
+    from .report import write_outputs
+    from .search import SearchError, SearchJob, SelectionConfig, sqlite_url
     from .space import OrderSpace
 
     cfg = _config(args)
     if cfg.trials < 1 or cfg.batch_size < 1:
         raise SearchError("--trials and --batch-size must be >= 1")
+    if cfg.cache_mb < 0:
+        raise SearchError(f"--cache-mb must be 0 or more, got {cfg.cache_mb}")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    engine = EngineConfig(device=cfg.device, dtype=cfg.dtype, norm=cfg.norm, cache_bytes=cfg.cache_mb * 2**20)
+    selection = SelectionConfig(finalists=cfg.finalists, resamples=cfg.resamples,
+                                reliability_orders=cfg.reliability_orders)
     out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    bank = load_bank(cfg.bank, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint,
-                     **parse_model_args(cfg.model_arg))
-    objective = get_objective(cfg.objective)
-    data = osdata.load(cfg.data, bank.data_config, seed=cfg.seed)
-    evalset = data.evalset(cfg.split, labelled=objective.needs_labels, seed=cfg.seed)
-    if cfg.n_images is not None and cfg.n_images < len(evalset):
-        evalset = evalset.subset(cfg.n_images, seed=cfg.seed)
+    if out.exists() and not out.is_dir():
+        raise SearchError(f"--out {out} is a file, not a folder")
+    bank = bank_from_args(args)
+    get_objective(cfg.objective)
+    spec = osdata.parse_spec(cfg.data)
+    if cfg.splits:
+        from dataclasses import replace
+
+        spec = replace(spec, split=osdata.parse_split(cfg.splits, "--splits"))
+    data = osdata.load(spec, bank.data_config, seed=cfg.seed)
     space_kwargs: dict[str, Any] = {}
     if cfg.max_repeats is not None:
         space_kwargs["max_repeats"] = cfg.max_repeats or None  # 0: unlimited
@@ -157,41 +189,56 @@ def _run(args: argparse.Namespace) -> int:
             fidelities = [int(x) for x in cfg.fidelities.split(",") if x.strip()]
         except ValueError:
             raise SearchError(f"--fidelities must be image counts such as 64,256, got {cfg.fidelities!r}") from None
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SearchError(f"cannot create --out {out}: {exc.strerror}") from None
     storage = cfg.storage or sqlite_url(out / "study.db")
     study_name = cfg.study or f"{cfg.command}-{cfg.objective}-{cfg.searcher}"
-    (out / "config.json").write_text(json.dumps({**asdict(cfg), "storage": storage, "study": study_name}, indent=2) + "\n")
-    engine_kwargs: dict[str, Any] = {"cache_bytes": cfg.cache_mb * 2**20, "norm": cfg.norm}
-    if cfg.device:
-        engine_kwargs["device"] = cfg.device
-    result = search(bank, evalset, objective, searcher=cfg.searcher, space=space, n_trials=cfg.trials,
-                    batch_size=cfg.batch_size, storage=storage, study_name=study_name, seed=cfg.seed,
-                    timeout=cfg.timeout, engine_kwargs=engine_kwargs, fidelities=fidelities,
-                    progress=not args.no_progress)
-    study = result.study
-    if cfg.reliability_orders > 0:
-        orders = [bank.identity] + [o for o, _ in result.top(cfg.reliability_orders)]
-        study.set_user_attr("reliability", split_half_reliability(bank, evalset, objective, orders, **engine_kwargs))
-    try:
-        test = data.evalset("test", labelled=True, seed=cfg.seed)
-        if objective.needs_labels and not test.has_labels:
-            raise OrderSearchError("unlabelled test split")
-        study.set_user_attr("held_out", held_out_scores(bank, test, objective, [bank.identity, result.best_order],
-                                                        **engine_kwargs))
-    except OrderSearchError as exc:
-        log.info("no held-out scores: %s", exc)
-    files = write_outputs(study, out, bank=bank)
-    ident = "-" if result.identity_score is None else f"{result.identity_score:.4f}"
-    print(f"best order {result.best_order} (depth {len(result.best_order)}): {cfg.objective} "
-          f"{result.best_score:.4f} vs identity {ident}; {len(result.trials)} trials in study {study_name!r}")
+    from .spec import write_atomic
+
+    write_atomic(out / "config.json", json.dumps({**asdict(cfg), "storage": storage, "study": study_name}, indent=2) + "\n")
+    job = SearchJob(bank=bank, data=data, objective=cfg.objective, searcher=cfg.searcher, space=space,
+                    engine=engine, n_trials=cfg.trials, batch_size=cfg.batch_size, storage=storage,
+                    study_name=study_name, selection=selection, seed=cfg.seed, timeout=cfg.timeout,
+                    fidelities=fidelities, n_images=cfg.n_images, progress=not args.no_progress)
+    result = job.run()
+    files = write_outputs(result, out, bank=bank)
+    print(render_result(result))
     print(f"wrote {files['spec']}, {files['trials']}, {files['report']} and plots in {out}")
     return 0
+
+
+def render_result(result: Any) -> str:
+    """What ``search``/``adapt`` print: the finalists that matter, then the verdict line."""
+    from .cli import _table
+
+    truth = result.truth or "-"
+    rows = []
+    for label, f in (("baseline", result.baseline), ("chosen", result.chosen)):
+        rows.append([label, str(f.order), len(f.order), _num(f.search), _num(f.select), _num(f.test)])
+    head = ["", "order", "depth", f"search {result.objective}", f"select {result.objective}", f"test {truth}"]
+    lines = [_table(head, rows)]
+    if result.reference is not None:
+        lines.append(f"(unmodified source model on test: {truth} {result.reference:.3f})")
+    for note in result.notes:
+        lines.append(f"note: {note}")
+    if result.winners_curse is not None and result.chosen.order != result.baseline.order:
+        lines.append(f"winner's curse: the chosen order's search score overstates its select score by "
+                     f"{result.winners_curse:+.3f}")
+    lines.append(f"verdict: {result.summary()}")
+    return "\n".join(lines)
+
+
+def _num(v: Any) -> str:
+    return "-" if v is None else f"{v:.3f}"
 
 
 def _export(args: argparse.Namespace) -> int:
     import optuna
 
     from .report import write_outputs
-    from .search import SearchError, make_storage
+    from .search import JobResult, SearchError, make_storage
 
     if args.top < 1:
         raise SearchError("--top must be >= 1")
@@ -202,15 +249,14 @@ def _export(args: argparse.Namespace) -> int:
     except KeyError:
         names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
         raise SearchError(f"no study {args.study!r} in {args.storage}; studies there: {', '.join(names) or 'none'}") from None
+    result = JobResult.from_study(study)
     bank = None
     if args.bank:
-        from .adapters import load_bank
-
-        bank = load_bank(args.bank)
-        fp = (study.user_attrs.get("ordersearch") or {}).get("fingerprint")
-        if fp and fp != bank.fingerprint:
+        bank = bank_from_args(args)
+        if bank.fingerprint != result.bank.get("fingerprint"):
             raise SearchError(f"bank {args.bank} is not the bank study {args.study!r} searched (fingerprint differs)")
     out = Path(args.out or f"export-{args.study}")
-    files = write_outputs(study, out, bank=bank, top=args.top)
+    files = write_outputs(result, out, bank=bank, top=args.top)
+    print(f"verdict: {result.summary()}")
     print(f"wrote {files['spec']}, {files['trials']}, {files['report']} and plots in {out}")
     return 0

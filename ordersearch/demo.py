@@ -9,8 +9,10 @@ with the engine and a searcher on an Optuna study:
 2. **adapt** — an unlabelled shifted domain: ``infomax`` with BatchNorm statistics
    re-estimated on the target (``norm="target"``), labels used only to report accuracy.
 
-Orders are chosen on the target's train+val images and reported on its held-out test split,
-always next to the identity order (the unmodified source model).
+Each part is a :class:`~ordersearch.search.SearchJob`: the searcher sees the target's
+*search* split only, the finalists are re-scored on its *select* split, and the answer is
+judged on its labelled *test* split against the identity order, with a paired bootstrap
+interval and a verdict (``improved``, ``within noise`` or ``worse``).
 """
 
 from __future__ import annotations
@@ -31,15 +33,16 @@ from . import data as osdata
 from .adapters import bank_from_model, load_bank, read_bank_header
 from .adapters.isoresnet import data_config as isoresnet_data_config
 from .bank import Bank
-from .engine import Engine
+from .engine import EngineConfig
 from .errors import BankError
 from .isoresnet import IsoResNet, parse_isoresnet_source
-from .report import held_out_scores, split_half_reliability, write_outputs
-from .search import search, sqlite_url
+from .report import write_outputs
+from .search import JobResult, SearchJob, sqlite_url
 from .space import OrderSpace
+from .spec import write_atomic
 from .train import FitConfig, accuracy, fit_classifier
 
-__all__ = ["DemoConfig", "DemoResult", "run_demo"]
+__all__ = ["DemoConfig", "DemoResult", "run_demo", "source_bank"]
 
 log = logging.getLogger("ordersearch")
 
@@ -82,20 +85,23 @@ class DemoResult:
     """What the demo found.
 
     Attributes:
-        parts: ``"search"`` and ``"adapt"``: each a dict with the best and identity orders,
-            their search scores and held-out test figures, and the output files.
+        parts: ``"search"`` and ``"adapt"``: each part's :class:`~ordersearch.search.JobResult`.
+        files: ``report`` and, per part, its output files (``search/spec``, ...).
     """
 
     config: DemoConfig
     out: Path
     source_accuracy: float
     bank_reused: bool
-    parts: dict[str, dict[str, Any]]
+    parts: dict[str, JobResult]
     seconds: float
     files: dict[str, Path] = field(default_factory=dict)
 
 
-def _train_or_reuse(config: DemoConfig, out: Path, progress: Callable[[str, int, int], None] | None) -> tuple[Bank, float, bool]:
+def source_bank(config: DemoConfig, out: Path, progress: Progress | None = None) -> tuple[Bank, float, bool]:
+    """The demo's source bank in ``out``: trained on ``config.source`` (or reused when a bank
+    trained with the same settings is there); returns the bank, its source test accuracy and
+    whether it was reused."""
     bank_path = out / "bank.safetensors"
     stamp = out / "bank_training.json"
     arch = parse_isoresnet_source(config.bank)
@@ -124,7 +130,7 @@ def _train_or_reuse(config: DemoConfig, out: Path, progress: Callable[[str, int,
     bank = bank_from_model(model, source=arch.source())
     bank.save(bank_path)
     bank = load_bank(bank_path)
-    stamp.write_text(json.dumps({"training": wanted, "source_test_accuracy": test_acc}, indent=2) + "\n")
+    write_atomic(stamp, json.dumps({"training": wanted, "source_test_accuracy": test_acc}, indent=2) + "\n")
     return bank, test_acc, False
 
 
@@ -146,69 +152,34 @@ def run_demo(config: DemoConfig = DemoConfig(), out: str | Path = "runs/demo", *
     start = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(asdict(config), indent=2) + "\n")
-    bank, source_acc, reused = _train_or_reuse(config, out, progress)
+    write_atomic(out / "config.json", json.dumps(asdict(config), indent=2) + "\n")
+    bank, source_acc, reused = source_bank(config, out, progress)
     space = OrderSpace(bank.n_blocks, max_len=config.max_len, max_repeats=config.max_repeats)
     storage = sqlite_url(out / "study.db")
-    parts = {
-        "search": _part(bank, config, space, storage, out / "search", progress, name="search",
-                        data_spec=config.task, objective="probe", norm="source"),
-        "adapt": _part(bank, config, space, storage, out / "adapt", progress, name="adapt",
-                       data_spec=config.target, objective="infomax", norm="target"),
-    }
-    result = DemoResult(config, out, source_acc, reused, parts, time.perf_counter() - start)
-    result.files["report"] = out / "report.md"
-    result.files["report"].write_text(report_text(result, bank))
+    parts: dict[str, JobResult] = {}
+    files: dict[str, Path] = {}
+    for name, data_spec, objective, norm in (("search", config.task, "probe", "source"),
+                                              ("adapt", config.target, "infomax", "target")):
+        callbacks = []
+        if progress is not None:
+            def report(study: Any, trial: Any, name: str = name, data_spec: str = data_spec,
+                       objective: str = objective) -> None:
+                progress(f"{name}: {objective} on {data_spec}", len(study.trials), config.trials)
+            callbacks.append(report)
+        job = SearchJob(bank=bank, data=osdata.load(data_spec, bank.data_config, seed=config.seed),
+                        objective=objective, searcher=config.searcher, space=space, engine=EngineConfig(norm=norm),
+                        n_trials=config.trials, batch_size=config.batch_size, storage=storage,
+                        study_name=f"demo-{name}", seed=config.seed, callbacks=callbacks)
+        parts[name] = job.run()
+        files.update({f"{name}/{k}": v for k, v in write_outputs(parts[name], out / name, bank=bank).items()})
+    result = DemoResult(config, out, source_acc, reused, parts, time.perf_counter() - start, files)
+    result.files["report"] = write_atomic(out / "report.md", report_text(result, bank))
     return result
 
 
-def _part(bank: Bank, config: DemoConfig, space: OrderSpace, storage: str, out: Path,
-          progress: Progress | None, *, name: str, data_spec: str, objective: str, norm: str) -> dict[str, Any]:
-    data = osdata.load(data_spec, bank.data_config, seed=config.seed)
-    evalset = data.evalset("train+val", labelled=objective == "probe", seed=config.seed)
-    test = data.evalset("test", labelled=True, seed=config.seed)
-    engine = Engine(bank, evalset, objective, norm=norm)
-    callbacks = []
-    if progress is not None:
-        def report(study: Any, trial: Any) -> None:
-            progress(f"{name}: {objective} on {data_spec}", len(study.trials), config.trials)
-        callbacks.append(report)
-    result = search(bank, evalset, objective, searcher=config.searcher, space=space, n_trials=config.trials,
-                    batch_size=config.batch_size, storage=storage, study_name=f"demo-{name}", seed=config.seed,
-                    engine=engine, callbacks=callbacks)
-    identity, best = bank.identity, result.best_order
-    top = [o for o, _ in result.top(20)]
-    reliability = split_half_reliability(bank, evalset, objective, [identity, *top], norm=norm)
-    result.study.set_user_attr("reliability", reliability)
-    held_out = held_out_scores(bank, test, objective, [identity, best], norm=norm)
-    result.study.set_user_attr("held_out", held_out)
-    figures = {str(o): held_out["orders"][str(o)] for o in (identity, best)}
-    if objective == "probe":
-        # the probe is refit on the test split's own halves: features for new labels
-        held = {k: {"probe_accuracy": figures[str(o)]["value"]} for k, o in (("identity", identity), ("best", best))}
-    else:
-        # infomax never saw labels; its side metric is the source head's accuracy
-        plain = Engine(bank, test, "head", norm="source").evaluate([identity])[0]
-        held = {k: {"accuracy": figures[str(o)]["metrics"].get("accuracy")} for k, o in (("identity", identity), ("best", best))}
-        held["identity_source_norm"] = {"accuracy": plain.value}
-    files = write_outputs(result.study, out, bank=bank)
-    stats = engine.stats
-    return {
-        "data": data_spec, "objective": objective, "norm": norm, "searcher": config.searcher,
-        "identity": str(identity), "identity_depth": len(identity), "best": str(best), "best_depth": len(best),
-        "identity_score": result.identity_score, "best_score": result.best_score,
-        "held_out": held, "reliability": reliability, "n_trials": len(result.trials),
-        "n_test": len(test), "block_evals": stats.block_evals, "naive_block_evals": stats.naive_block_evals,
-        "top": [(str(o), s) for o, s in result.top(5)], "files": {k: str(v) for k, v in files.items()},
-    }
-
-
 def report_text(result: DemoResult, bank: Bank) -> str:
-    """The demo's ``report.md``: what was found in each part, next to the identity order."""
+    """The demo's ``report.md``: each part's verdict and its finalists next to the identity."""
     cfg, s, a = result.config, result.parts["search"], result.parts["adapt"]
-    sh, ah = s["held_out"], a["held_out"]
-    gain_s = sh["best"]["probe_accuracy"] - sh["identity"]["probe_accuracy"]
-    gain_a = ah["best"]["accuracy"] - ah["identity"]["accuracy"]
     lines = [
         "# ordersearch demo",
         "",
@@ -219,46 +190,47 @@ def report_text(result: DemoResult, bank: Bank) -> str:
         f"{', reused from an earlier run' if result.bank_reused else ''}): source test accuracy "
         f"{result.source_accuracy:.3f}. Order space: lengths 1..{cfg.max_len}, each of the {bank.n_blocks} "
         f"blocks at most {cfg.max_repeats} times; searcher `{cfg.searcher}`, {cfg.trials} trials per part "
-        f"(identity first), batches of {cfg.batch_size}. Orders are chosen on train+val and "
-        "reported on the held-out test split.",
+        f"(identity first), batches of {cfg.batch_size}. The searcher sees each target's *search* split "
+        f"({s.sizes['search']} images); the {len(s.finalists) - 1} best orders and the identity are re-scored "
+        f"on its *select* split ({s.sizes['select']}); the answer is judged on its *test* split "
+        f"({s.sizes['test']}) with a paired bootstrap interval.",
         "",
         "## 1. New labelled task: `ordersearch search` (objective `probe`)",
         "",
-        f"Data `{s['data']}`. A ridge probe on the pooled features of each order, fit on one half and "
-        "scored on the other; on the test split it is refit on the test split's own halves.",
+        f"Data `{cfg.task}`. A ridge probe on the pooled features of each order, fit on half of the "
+        "search split and scored on the other half (search), on the select split, or on the test split.",
         "",
-        "| order | depth | probe accuracy (search) | probe accuracy (test) |",
-        "|---|---:|---:|---:|",
-        f"| `{s['identity']}` (identity) | {s['identity_depth']} | {s['identity_score']:.3f} | "
-        f"{sh['identity']['probe_accuracy']:.3f} |",
-        f"| `{s['best']}` (best) | {s['best_depth']} | {s['best_score']:.3f} | {sh['best']['probe_accuracy']:.3f} |",
+        *_part_table(s),
         "",
-        _finding(gain_s, "probe accuracy", s),
+        f"**{s.summary()}**",
         "",
         "## 2. Unlabelled shifted domain: `ordersearch adapt` (objective `infomax`, `norm=target`)",
         "",
-        f"Data `{a['data']}`, labels withheld from the search. BatchNorm statistics are re-estimated "
-        "on the target for every order prefix (AdaBN per order); the source head is kept.",
+        f"Data `{cfg.target}`, labels withheld from the search and the selection. BatchNorm statistics are "
+        "re-estimated on the scored images for every order prefix (AdaBN per order); the source head is kept. "
+        "Test labels only judge the result.",
         "",
-        "| model | order | infomax (search) | source-head accuracy (test) |",
-        "|---|---|---:|---:|",
-        f"| unmodified source model | `{a['identity']}` | — | {ah['identity_source_norm']['accuracy']:.3f} |",
-        f"| identity, target statistics | `{a['identity']}` | {a['identity_score']:.3f} | "
-        f"{ah['identity']['accuracy']:.3f} |",
-        f"| searched order, target statistics | `{a['best']}` | {a['best_score']:.3f} | {ah['best']['accuracy']:.3f} |",
+        *_part_table(a),
         "",
-        _finding(gain_a, "accuracy", a),
+        f"The unmodified source model (identity with its own statistics) scores "
+        f"{'—' if a.reference is None else f'{a.reference:.3f}'} accuracy on the test split.",
+        "",
+        f"**{a.summary()}**",
         "",
         "## Cost",
         "",
     ]
     for name, p in (("search", s), ("adapt", a)):
-        saved = p["naive_block_evals"] / max(1, p["block_evals"])
-        lines.append(f"- {name}: {p['n_trials']} trials; {p['block_evals']} block forwards over the data "
-                     f"instead of {p['naive_block_evals']} without the prefix cache ({saved:.1f}x fewer).")
+        st = p.engine_stats
+        if st.get("block_evals"):
+            lines.append(f"- {name}: {p.n_trials} trials; {st['block_evals']:.0f} block forwards over the search "
+                         f"split instead of {st['naive_block_evals']:.0f} without the prefix cache "
+                         f"({st['naive_block_evals'] / st['block_evals']:.1f}x fewer).")
+        else:
+            lines.append(f"- {name}: {p.n_trials} trials, all resumed from the study (no new block forwards).")
     lines += [
         "",
-        "Files: `search/` and `adapt/` hold each part's `best_order.json` (order spec: "
+        "Files: `search/` and `adapt/` hold each part's `best_order.json` (order spec with its evidence: "
         "`ordersearch show runs/demo/adapt/best_order.json`), `trials.csv`, `report.md` and plots; "
         "`study.db` holds both Optuna studies (a rerun resumes them); `bank.safetensors` is the source bank.",
         "",
@@ -266,15 +238,14 @@ def report_text(result: DemoResult, bank: Bank) -> str:
     return "\n".join(lines)
 
 
-def _finding(gain: float, what: str, part: dict[str, Any]) -> str:
-    rel = part["reliability"].get("spearman")
-    rel_text = "n/a" if rel is None else f"{rel:.2f}"
-    if part["best"] == part["identity"]:
-        return (f"**No order beat the identity** on the search data; split-half reliability of the "
-                f"objective (Spearman over the top orders) {rel_text}.")
-    verdict = "improved" if gain > 0 else "did not improve"
-    images = round(abs(gain) * part["n_test"])
-    small = " — a difference this small is within the noise of one test split" if images <= 5 else ""
-    return (f"The searched order {verdict} held-out {what} by {gain:+.3f} over the identity "
-            f"({images} of {part['n_test']} test images{small}; split-half reliability of the objective "
-            f"over the top orders: Spearman {rel_text}).")
+def _part_table(p: JobResult) -> list[str]:
+    truth = p.truth or "—"
+    rows = [f"| order | depth | search ({p.objective}) | select ({p.objective}) | test ({truth}) |",
+            "|---|---:|---:|---:|---:|"]
+    for label, f in ((p.baseline_name, p.baseline), ("chosen", p.chosen)):
+        rows.append(f"| `{f.order}` ({label}) | {len(f.order)} | {_f(f.search)} | {_f(f.select)} | {_f(f.test)} |")
+    return rows
+
+
+def _f(v: float | None) -> str:
+    return "—" if v is None else f"{v:.3f}"

@@ -65,6 +65,24 @@ class EvalSet:
         """An EvalSet from in-memory tensors (same arguments as the constructor)."""
         return cls(torch.as_tensor(x), None if y is None else torch.as_tensor(y), **kwargs)
 
+    @classmethod
+    def with_split(
+        cls, x: torch.Tensor, y: torch.Tensor | None, train_idx: torch.Tensor, val_idx: torch.Tensor, **kwargs: Any
+    ) -> EvalSet:
+        """An EvalSet whose train/val parts are given rather than drawn (e.g. a probe fit on
+        search images and scored on held-out ones). Derived sets (:meth:`subset`,
+        :meth:`halves`, :meth:`select`) draw their own split again."""
+        es = cls(x, y, **kwargs)
+        train_idx, val_idx = torch.as_tensor(train_idx).long(), torch.as_tensor(val_idx).long()
+        if len(train_idx) == 0 or len(val_idx) == 0:
+            raise DataError("both parts of an EvalSet's split need images")
+        both = torch.cat([train_idx, val_idx])
+        if len(torch.unique(both)) != len(both) or int(both.min()) < 0 or int(both.max()) >= len(es):
+            raise DataError("an EvalSet's train and val parts must be distinct positions of its images")
+        object.__setattr__(es, "train_idx", train_idx)
+        object.__setattr__(es, "val_idx", val_idx)
+        return es
+
     # --- facts --------------------------------------------------------------------------
     def __len__(self) -> int:
         return len(self.x)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -17,7 +18,7 @@ from .bank import Bank
 from .errors import OrderError, SpecError
 from .order import Order
 
-__all__ = ["OrderSpec", "save_order", "load_order", "SPEC_SCHEMA", "SPEC_VERSION", "spec_schema"]
+__all__ = ["OrderSpec", "bank_description", "save_order", "write_atomic", "load_order", "SPEC_SCHEMA", "SPEC_VERSION", "spec_schema"]
 
 SPEC_SCHEMA = "ordersearch.order_spec"
 SPEC_VERSION = 1
@@ -57,14 +58,28 @@ class OrderSpec:
     path: str | None = None
 
     def load_bank(self) -> Bank:
-        """Load the bank this spec names (its saved file if recorded, else its source)."""
-        from .adapters import load_bank
+        """Load the bank this spec names: its saved file if one is recorded, else its source
+        rebuilt with the recorded weights (timm's pretrained weights, a checkpoint whose
+        sha256 must match, or the seed of a random initialisation)."""
+        from .adapters import file_sha256, load_bank
 
-        where = self.bank.get("path") or self.bank.get("source")
-        if not where:
-            raise SpecError("the spec's bank was an in-memory model; pass the bank to load_order")
-        kwargs = {} if self.bank.get("path") else dict(self.bank.get("model_kwargs") or {})
-        bank = load_bank(where, **kwargs)
+        info, where = self.bank, self.path or "order spec"
+        if info.get("path"):
+            if not Path(info["path"]).exists():
+                raise SpecError(f"{where}: its bank file {info['path']} does not exist; pass the bank (--bank)")
+            bank = load_bank(info["path"])
+        elif info.get("source"):
+            weights = dict(info.get("weights") or {})
+            checkpoint = weights.get("checkpoint")
+            if checkpoint is not None:
+                if not Path(checkpoint).is_file():
+                    raise SpecError(f"{where}: its checkpoint {checkpoint} does not exist; pass the bank (--bank)")
+                if weights.get("checkpoint_sha256") and file_sha256(Path(checkpoint)) != weights["checkpoint_sha256"]:
+                    raise SpecError(f"{where}: checkpoint {checkpoint} has changed since the spec was written (sha256)")
+            bank = load_bank(info["source"], pretrained=bool(weights.get("pretrained")), checkpoint=checkpoint,
+                             seed=weights.get("seed", 0), **dict(info.get("model_kwargs") or {}))
+        else:
+            raise SpecError(f"{where}: the bank was an in-memory model; pass the bank to load_order")
         check_bank(self, bank)
         return bank
 
@@ -85,12 +100,14 @@ class OrderSpec:
         )
 
 
-def save_order(path: str | Path, bank: Bank, order: Order | str | list[int], **metadata: Any) -> Path:
-    """Write an order spec for ``order`` on ``bank``.
+def save_order(path: str | Path, bank: Bank | Mapping[str, Any], order: Order | str | list[int], **metadata: Any) -> Path:
+    """Write an order spec for ``order`` on ``bank``: the one writer of order specs.
 
     Args:
         path: Output JSON file (parents are created; written atomically).
-        bank: The bank the order runs on (its source and fingerprint are recorded).
+        bank: The bank the order runs on, or its :func:`bank_description` (as a study keeps
+            it): its source, the arguments and weights that rebuild it and its fingerprint
+            are recorded.
         order: The order.
         **metadata: ``objective``, ``score``, ``metrics`` (dict), ``searcher``, ``study``,
             ``data`` (a data spec string or description dict); anything else is kept
@@ -103,23 +120,48 @@ def save_order(path: str | Path, bank: Bank, order: Order | str | list[int], **m
         >>> load_order(p, bank).order
         Order('2-1-1')
     """
-    order = Order.parse(order).validate(bank.n_blocks, min_len=0)
-    bank_info = {
+    info = bank_description(bank) if isinstance(bank, Bank) else dict(bank)
+    if not isinstance(info.get("n_blocks"), int) or not info.get("fingerprint"):
+        raise SpecError("a bank description needs n_blocks and fingerprint")
+    order = Order.parse(order).validate(info["n_blocks"], min_len=0)
+    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    doc = _spec_dict(info, order, created, metadata)
+    return write_atomic(path, _dumps(doc) + "\n")
+
+
+def write_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a uniquely named temporary file in the same folder
+    (parents created), so a reader never sees half a file and concurrent writers never share
+    a temporary."""
+    import os
+    import tempfile
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def bank_description(bank: Bank) -> dict[str, Any]:
+    """What a spec (and a study) records of a bank: its source, the arguments and weights that
+    rebuild it (``model_kwargs``; ``weights``: pretrained, checkpoint and sha256, or the
+    seed), its saved file if any, and the fingerprint that identifies it."""
+    return {
         "source": bank.source,
-        "model_kwargs": dict(bank.model_kwargs),
+        "model_kwargs": _finite(dict(bank.model_kwargs)),
+        "weights": _finite(dict(getattr(bank, "weights", {}) or {})),
         "path": getattr(bank, "path", None),
         "adapter": bank.adapter,
         "fingerprint": bank.fingerprint,
         "n_blocks": bank.n_blocks,
     }
-    created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-    doc = _spec_dict(bank_info, order, created, metadata)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(_dumps(doc) + "\n")
-    tmp.replace(path)
-    return path
 
 
 def _dumps(doc: dict[str, Any]) -> str:

@@ -9,19 +9,25 @@ from ordersearch.cli import main
 from ordersearch.demo import DemoConfig, run_demo
 
 TINY = DemoConfig(bank="isoresnet:width=8,blocks=3,classes=10", epochs=1, trials=10, batch_size=5, max_len=4)
+VERDICTS = ("improved", "within noise", "worse")
 
 
-def test_demo_writes_specs_reports_and_resumes(tmp_path):
+def test_demo_writes_specs_reports_with_verdicts_and_resumes(tmp_path):
     first = run_demo(TINY, tmp_path)
     assert not first.bank_reused
     for part in ("search", "adapt"):
         p = first.parts[part]
         spec = load_order(tmp_path / part / "best_order.json")
-        assert str(spec.order) == p["best"] and p["identity"] == "0-1-2"
-        assert (tmp_path / part / "trials.csv").exists() and (tmp_path / part / "report.md").exists()
-        assert p["block_evals"] <= p["naive_block_evals"]
+        assert spec.order == p.chosen.order and str(p.baseline.order) == "0-1-2"
+        assert spec.metadata["evidence"]["verdict"] == p.verdict in VERDICTS
+        assert (tmp_path / part / "trials.csv").exists()
+        assert p.summary() in (tmp_path / part / "report.md").read_text()
+        assert p.engine_stats["block_evals"] <= p.engine_stats["naive_block_evals"]
+        assert p.sizes["test"] > 0 and p.test_interval is not None
+    assert first.parts["adapt"].reference is not None  # the unmodified source model, for comparison
     report = (tmp_path / "report.md").read_text()
     assert "(identity)" in report and "unmodified source model" in report
+    assert first.parts["search"].summary() in report and first.parts["adapt"].summary() in report
     assert json.loads((tmp_path / "config.json").read_text())["trials"] == 10
 
     # a rerun reuses the bank and resumes the finished studies without new trials
@@ -29,11 +35,15 @@ def test_demo_writes_specs_reports_and_resumes(tmp_path):
     assert again.bank_reused
     study = optuna.load_study(study_name="demo-adapt", storage=f"sqlite:///{tmp_path / 'study.db'}")
     assert len(study.trials) == 10
+    assert again.parts["adapt"].chosen == first.parts["adapt"].chosen
 
 
-def test_demo_cli_prints_the_comparison(tmp_path, capsys):
+def test_demo_cli_prints_the_comparison_and_the_verdicts(tmp_path, capsys):
     argv = ["demo", "--out", str(tmp_path), "--no-progress", "--bank", TINY.bank, "--epochs", "1",
             "--trials", "6", "--batch-size", "3", "--max-len", "4"]
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert "search" in out and "adapt" in out and "0-1-2" in out
+    assert "0-1-2" in out
+    for part in ("search", "adapt"):
+        line = next(x for x in out.splitlines() if x.startswith(f"{part} verdict: "))
+        assert line.endswith(VERDICTS)

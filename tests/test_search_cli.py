@@ -16,17 +16,24 @@ def test_search_writes_its_files_and_resumes(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["search", *COMMON, "--searcher", "nsga2", "--trials", "8", "--out", str(out)]
     assert main(argv) == 0
-    assert "best order" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    verdict = next(line for line in printed.splitlines() if line.startswith("verdict: "))
+    assert verdict.endswith(("improved", "within noise", "worse")) and "held-out" in verdict
     for name in ("best_order.json", "trials.csv", "report.md", "config.json", "study.db",
                  "score_over_trials.png", "best_order.png", "pareto_front.png"):
         assert (out / name).exists(), name
     spec = json.loads((out / "best_order.json").read_text())
     assert spec["objective"] == "probe" and spec["searcher"] == "nsga2" and spec["study"] == "search-probe-nsga2"
+    evidence = spec["metadata"]["evidence"]
+    assert evidence["summary"] == verdict.removeprefix("verdict: ")
+    assert evidence["baseline"] == "0-1-2-3" and evidence["test_interval"]["n"] > 0
+    assert "0-1-2-3" in [f["order"] for f in evidence["finalists"]]
     trials = pd.read_csv(out / "trials.csv")
     assert len(trials) == 8 and trials["order"][0] == "0-1-2-3"
     report = (out / "report.md").read_text()
-    assert "| identity |" in report and "| best |" in report and "Split-half reliability" in report
-    assert "Block forwards" in report and "held-out score" in report and "Pareto front" in report
+    assert verdict.removeprefix("verdict: ") in report and "| identity |" in report and "chosen" in report
+    assert "Split-half reliability" in report and "Winner's curse" in report
+    assert "Block forwards" in report and "Pareto front" in report
     # the same command resumes the study: a larger budget adds only the missing trials
     assert main([*argv[:-4], "--trials", "10", "--out", str(out)]) == 0
     again = pd.read_csv(out / "trials.csv")
@@ -48,6 +55,9 @@ def test_adapt_uses_infomax_without_labels_and_export_writes_the_top_orders(tmp_
     assert (exported / "orders" / "rank2.json").exists() and (exported / "report.md").exists()
     rank1 = json.loads((exported / "orders" / "rank1.json").read_text())
     assert rank1["order"] == spec["order"] and rank1["bank"]["fingerprint"] == spec["bank"]["fingerprint"]
+    assert rank1["metadata"]["evidence"]["summary"] == spec["metadata"]["evidence"]["summary"]
+    # the unsupervised objective is judged by the source head's accuracy on the labelled test split
+    assert spec["metadata"]["evidence"]["test_interval"]["metric"] == "head"
 
 
 @pytest.mark.parametrize(
@@ -58,6 +68,12 @@ def test_adapt_uses_infomax_without_labels_and_export_writes_the_top_orders(tmp_
         (["search", *COMMON, "--max-repeats", "1", "--min-len", "7"], "order lengths 7..4 are empty"),
         (["export", "--storage", "sqlite:///{tmp}/none.db", "--study", "nope"], "no study 'nope'"),
         (["export", "--storage", "nonsense", "--study", "nope"], "storage must be an Optuna storage URL"),
+        (["search", *COMMON, "--splits", "60/40"], "give three positive train/val/test shares"),
+        (["search", *COMMON, "--finalists", "0"], "finalists must be >= 1"),
+        (["search", *COMMON, "--resamples", "10"], "needs >= 1000 resamples"),
+        (["search", *COMMON, "--cache-mb", "-5"], "--cache-mb must be 0 or more"),
+        pytest.param(["search", *COMMON, "--device", "cuda:7"], "no CUDA device",
+                     marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is present")),
     ],
 )
 def test_bad_input_exits_2_with_one_line(argv, message, tmp_path, capsys):

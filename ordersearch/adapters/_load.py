@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
 import json
 import logging
 from collections.abc import Callable
@@ -85,9 +86,22 @@ def load_bank(
             raise BankError("a saved bank takes no model arguments, pretrained= or checkpoint=")
         return _load_saved(path, data_config=data_config, verify=verify)
     model = build_source_model(text, pretrained=pretrained, checkpoint=checkpoint, seed=seed, **model_kwargs)
-    return bank_from_model(
+    bank = bank_from_model(
         model, source=_canonical(text, model), model_kwargs=model_kwargs, data_config=data_config, verify=verify
     )
+    bank.weights = {"pretrained": bool(pretrained), "seed": seed}
+    if checkpoint is not None:
+        bank.weights.update(checkpoint=str(checkpoint), checkpoint_sha256=file_sha256(Path(checkpoint)))
+    return bank
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes (checkpoints recorded in order specs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def parse_model_args(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -120,10 +134,21 @@ def build_source_model(
     seed: int | None = 0,
     **model_kwargs: Any,
 ) -> torch.nn.Module:
-    """The ``nn.Module`` named by a source string, with weights loaded as asked."""
-    scheme, _, name = source.partition(":")
-    if seed is not None and not pretrained and checkpoint is None:
+    """The ``nn.Module`` named by a source string, with weights loaded as asked.
+
+    Weights not loaded (all of them without ``pretrained`` or ``checkpoint``; a classifier
+    that timm re-initialises because ``num_classes`` differs from the pretrained one) are drawn
+    from ``seed`` in a forked RNG, so the same call builds the same model and the caller's
+    random state is left alone."""
+    if seed is None:
+        return _build(source, pretrained=pretrained, checkpoint=checkpoint, **model_kwargs)
+    with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        return _build(source, pretrained=pretrained, checkpoint=checkpoint, **model_kwargs)
+
+
+def _build(source: str, *, pretrained: bool, checkpoint: str | Path | None, **model_kwargs: Any) -> torch.nn.Module:
+    scheme, _, name = source.partition(":")
     if scheme == "timm":
         if not name:
             raise BankError("timm source needs a model name, e.g. timm:vit_small_patch16_224")

@@ -19,9 +19,9 @@ from __future__ import annotations
 from ._data import Data, Split
 from ._digits import WORK_SIZE, digits_images
 from ._load import load
-from ._prep import DEFAULT_DATA_CONFIG
+from ._prep import DEFAULT_DATA_CONFIG, stratified_split
 from ._shifts import SHIFTS, Shift, apply_shifts, describe_shifts, register_shift
-from ._spec import OPTIONS, DataSpec, parse_spec
+from ._spec import OPTIONS, DataSpec, parse_spec, parse_split
 
 __all__ = [
     "DEFAULT_DATA_CONFIG",
@@ -37,5 +37,7 @@ __all__ = [
     "digits_images",
     "load",
     "parse_spec",
+    "parse_split",
     "register_shift",
+    "stratified_split",
 ]

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from ..errors import DataError
 from ._shifts import SHIFTS, _fmt, get_shift
 
-__all__ = ["DataSpec", "parse_spec", "parse_shifts", "OPTIONS", "TENSOR_SUFFIXES"]
+__all__ = ["DataSpec", "parse_spec", "parse_shifts", "parse_split", "OPTIONS", "TENSOR_SUFFIXES"]
 
 OPTIONS: dict[str, str] = {
     "classes": "class subset: names or indices, ranges a-b (e.g. classes=5-9 or classes=0,2,4)",
@@ -221,6 +221,11 @@ def _int(name: str, value: str, text: str, *, low: int) -> int:
     if number < low:
         raise DataError(f"{name}={value} in {text!r} must be at least {low}")
     return number
+
+
+def parse_split(value: str, where: str = "split") -> tuple[float, float, float]:
+    """``"60/20/20"`` -> ``(0.6, 0.2, 0.2)``: train (search), val (select) and test shares."""
+    return _split(value, where)
 
 
 def _split(value: str, text: str) -> tuple[float, float, float]:

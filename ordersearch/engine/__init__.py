@@ -7,6 +7,7 @@ Scores batches of candidate block orders (Zhmoginov, Bashkirova and Sandler, arX
 from __future__ import annotations
 
 from ._cache import GDSF, LRU, CachePolicy
+from ._config import EngineConfig
 from ._engine import Engine
 from ._trie import count_distinct_prefixes
 from ._types import EngineStats, Score
@@ -24,6 +25,7 @@ from .objectives import (
 __all__ = [
     "CachePolicy",
     "Engine",
+    "EngineConfig",
     "EngineStats",
     "Entropy",
     "GDSF",

@@ -58,10 +58,35 @@ class Objective(ABC):
     name: ClassVar[str] = ""
     output: ClassVar[Literal["features", "logits"]] = "features"
     needs_labels: ClassVar[bool] = False
+    #: True when the objective fits something on the EvalSet's train part and scores its val
+    #: part (``probe``): held-out scoring then keeps the fit part and swaps the scored images.
+    fits: ClassVar[bool] = False
+    #: The labelled objective that measures what this one stands in for, on labelled held-out
+    #: data (``head`` accuracy for the unsupervised objectives, the objective itself otherwise).
+    truth: ClassVar[str] = ""
 
     def prepare(self, evalset: EvalSet) -> Any:
         """Candidate-independent state for ``evalset`` (passed back to :meth:`score`)."""
         return None
+
+    def image_values(self, outputs: torch.Tensor, evalset: EvalSet, state: Any) -> torch.Tensor | None:
+        """Per scored image, a value whose mean is :meth:`score`'s value (e.g. 1.0 for a correct
+        prediction), or None when the score is not a mean over images (``infomax``). Paired
+        bootstrap intervals resample these."""
+        return None
+
+    def resampled_values(self, outputs: torch.Tensor, evalset: EvalSet, state: Any, idx: torch.Tensor) -> torch.Tensor:
+        """The value on each resample of the scored images: ``idx`` (R, n) holds image
+        positions drawn with replacement; returns (R,). The default scores each resample as
+        an EvalSet of its own; objectives override it with one batched computation."""
+        values = self.image_values(outputs, evalset, state)
+        if values is not None:
+            return values[idx].mean(1)
+        out = []
+        for row in idx:
+            sub = EvalSet(evalset.x[row], None if evalset.y is None else evalset.y[row], seed=evalset.seed)
+            out.append(self.score(outputs[row], sub, self.prepare(sub))[0])
+        return torch.tensor(out, dtype=torch.float64)
 
     @abstractmethod
     def score(self, outputs: torch.Tensor, evalset: EvalSet, state: Any) -> tuple[float, dict[str, float]]:
@@ -130,6 +155,8 @@ class Probe(Objective):
     name = "probe"
     output = "features"
     needs_labels = True
+    fits = True
+    truth = "probe"
 
     def __init__(self, alphas: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)) -> None:
         if not alphas or min(alphas) <= 0:
@@ -151,6 +178,11 @@ class Probe(Objective):
     def score(self, outputs: torch.Tensor, evalset: EvalSet, state: _ProbeState) -> tuple[float, dict[str, float]]:
         return self.score_many([outputs], evalset, state)[0]
 
+    def image_values(self, outputs: torch.Tensor, evalset: EvalSet, state: _ProbeState) -> torch.Tensor:
+        """1.0 for each val image the probe classifies correctly, else 0.0 (in ``val_idx`` order)."""
+        _, pred_val = self._group([outputs], state)
+        return (pred_val[0] == state.y_val).double()
+
     def score_many(
         self, outputs: Sequence[torch.Tensor], evalset: EvalSet, state: _ProbeState
     ) -> list[tuple[float, dict[str, float]]]:
@@ -162,6 +194,12 @@ class Probe(Objective):
         step = max(1, _GROUP_BYTES // max(8 * outputs[0].numel(), 1))
         if len(outputs) > step:
             return [s for i in range(0, len(outputs), step) for s in self.score_many(outputs[i : i + step], evalset, state)]
+        return self._group(outputs, state)[0]
+
+    def _group(
+        self, outputs: Sequence[torch.Tensor], state: _ProbeState
+    ) -> tuple[list[tuple[float, dict[str, float]]], torch.Tensor]:
+        """The scores of one group of candidates and their val predictions (B, n_val)."""
         with single_threaded():
             x = torch.stack(list(outputs)).detach().to("cpu", torch.float64).flatten(2)  # (B, N, D)
             # images last: the reductions and element-wise operations then run along
@@ -195,7 +233,7 @@ class Probe(Objective):
             return [
                 (acc, {"alpha": self.alphas[i], "loo_accuracy": la, "train_accuracy": ta})
                 for acc, i, la, ta in zip(val_acc, best, loo_acc.tolist(), train_acc.tolist())
-            ]
+            ], pred_val
 
 
 def _left_singular(zt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -246,16 +284,25 @@ class Head(Objective):
     name = "head"
     output = "logits"
     needs_labels = True
+    truth = "head"
 
     def score(self, outputs: torch.Tensor, evalset: EvalSet, state: Any) -> tuple[float, dict[str, float]]:
+        logits = self._logits(outputs, evalset)
+        acc = float(self.image_values(outputs, evalset, state).mean())
+        nll = float(torch.nn.functional.cross_entropy(logits, evalset.y))  # type: ignore[arg-type]
+        return acc, {"nll": nll}
+
+    def image_values(self, outputs: torch.Tensor, evalset: EvalSet, state: Any) -> torch.Tensor:
+        """1.0 for each image the head classifies correctly, else 0.0."""
+        return (self._logits(outputs, evalset).argmax(1) == evalset.y).double()
+
+    @staticmethod
+    def _logits(outputs: torch.Tensor, evalset: EvalSet) -> torch.Tensor:
         assert evalset.y is not None
         logits = outputs.detach().to("cpu", torch.float64)
-        y = evalset.y
-        if int(y.max()) >= logits.shape[1]:
-            raise ValueError(f"labels go up to {int(y.max())} but the head has {logits.shape[1]} classes")
-        acc = float((logits.argmax(1) == y).double().mean())
-        nll = float(torch.nn.functional.cross_entropy(logits, y))
-        return acc, {"nll": nll}
+        if int(evalset.y.max()) >= logits.shape[1]:
+            raise ValueError(f"labels go up to {int(evalset.y.max())} but the head has {logits.shape[1]} classes")
+        return logits
 
 
 def _predictions(outputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,6 +326,7 @@ class Entropy(Objective):
 
     name = "entropy"
     output = "logits"
+    truth = "head"
 
     def score(self, outputs: torch.Tensor, evalset: EvalSet, state: Any) -> tuple[float, dict[str, float]]:
         logp, p = _predictions(outputs)
@@ -286,6 +334,11 @@ class Entropy(Objective):
         pm = p.mean(0)
         marg = float(-(pm * pm.clamp_min(1e-300).log()).sum())
         return -cond, {"marginal_entropy": marg, **_accuracy(p, evalset)}
+
+    def image_values(self, outputs: torch.Tensor, evalset: EvalSet, state: Any) -> torch.Tensor:
+        """Minus each image's prediction entropy (their mean is the value)."""
+        logp, p = _predictions(outputs)
+        return (p * logp).sum(1)
 
 
 class Infomax(Objective):
@@ -303,6 +356,7 @@ class Infomax(Objective):
 
     name = "infomax"
     output = "logits"
+    truth = "head"
 
     def __init__(self, weight: float = 1.0) -> None:
         self.weight = float(weight)
@@ -314,6 +368,17 @@ class Infomax(Objective):
         marg = float(-(pm * pm.clamp_min(1e-300).log()).sum())
         value = marg - self.weight * cond
         return value, {"marginal_entropy": marg, "conditional_entropy": cond, **_accuracy(p, evalset)}
+
+    def resampled_values(self, outputs: torch.Tensor, evalset: EvalSet, state: Any, idx: torch.Tensor) -> torch.Tensor:
+        """The value on every resample at once (the marginal term is not a mean over images)."""
+        logp, p = _predictions(outputs)
+        ent = -(p * logp).sum(1)  # (N,)
+        out = []
+        for rows in idx.split(256):  # (r, n, C) at a time: bounded memory
+            pm = p[rows].mean(1)  # (r, C)
+            marg = -(pm * pm.clamp_min(1e-300).log()).sum(1)
+            out.append(marg - self.weight * ent[rows].mean(1))
+        return torch.cat(out)
 
 
 # --- registry -------------------------------------------------------------------------

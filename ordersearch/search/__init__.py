@@ -30,8 +30,10 @@ from ._base import (
 from ._beam import BeamSearcher
 from ._differentiable import DifferentiableSearcher, MixOutputs, MixWeights
 from ._encoding import OrderEncoding, order_of
+from ._evidence import Interval, paired_bootstrap, verdict_of
 from ._evolution import EvolutionSampler, EvolutionSearcher
 from ._exhaustive import ExhaustiveSearcher
+from ._job import RESULT_KEY, Finalist, JobResult, SearchJob, SelectionConfig, Splits, held_out, make_splits
 from ._local import LocalSearcher
 from ._mutations import (
     DEFAULT_MUTATIONS,
@@ -55,6 +57,7 @@ from ._sources import SourcesSearcher
 from ._study import make_storage, sqlite_url
 
 __all__ = [
+    "RESULT_KEY",
     "BeamSearcher",
     "Crossover",
     "DEFAULT_MUTATIONS",
@@ -64,8 +67,11 @@ __all__ = [
     "EvolutionSampler",
     "EvolutionSearcher",
     "ExhaustiveSearcher",
+    "Finalist",
     "GPSearcher",
     "Insert",
+    "Interval",
+    "JobResult",
     "LocalSearcher",
     "MixOutputs",
     "MixWeights",
@@ -77,25 +83,32 @@ __all__ = [
     "RandomSearcher",
     "Replace",
     "SamplerSearcher",
+    "SearchJob",
     "SearchContext",
     "SearchError",
     "SearchResult",
+    "SelectionConfig",
     "Searcher",
     "SourcesSearcher",
+    "Splits",
     "Swap",
     "TPESearcher",
     "TwoPoint",
     "UniformSampler",
     "best_trials",
     "get_searcher",
+    "held_out",
     "list_searchers",
+    "make_splits",
     "make_storage",
     "mutate",
     "neighbours",
     "order_of",
+    "paired_bootstrap",
     "pareto_trials",
     "register_searcher",
     "search",
     "sqlite_url",
     "trials_table",
+    "verdict_of",
 ]

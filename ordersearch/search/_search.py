@@ -18,8 +18,10 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from ..engine import EngineConfig
 from ..order import Order
 from ..space import OrderSpace
+from ..spec import bank_description
 from ._base import SearchContext, Searcher, SearchError, get_searcher
 from ._encoding import OrderEncoding, is_live
 from ._result import SearchResult, best_trials, trials_table
@@ -47,7 +49,6 @@ def search(
     seed: int | None = None,
     timeout: float | None = None,
     engine: Any = None,
-    engine_kwargs: dict[str, Any] | None = None,
     searcher_options: dict[str, Any] | None = None,
     fidelities: Sequence[int] | None = None,
     pruner: optuna.pruners.BasePruner | None = None,
@@ -71,9 +72,8 @@ def search(
         study_name: Name of the study; an existing one in ``storage`` is resumed.
         seed: Seed of the searcher (same seed, same trials).
         timeout: Stop asking new batches after this many seconds.
-        engine: An engine to score with (default: a new
-            :class:`~ordersearch.engine.Engine` made with ``engine_kwargs``).
-        engine_kwargs: Keyword arguments of the new engine (``cache_bytes``, ``device``, ...).
+        engine: An :class:`~ordersearch.engine.Engine` to score with, or the
+            :class:`~ordersearch.engine.EngineConfig` of a new one (default: ``EngineConfig()``).
         searcher_options: Options of a searcher given by name.
         fidelities: Image counts below the EvalSet size to score on first (multi-fidelity):
             candidates are pruned between them by ``pruner``.
@@ -103,10 +103,8 @@ def search(
         space = OrderSpace.covering(bank.n_blocks, list(getattr(bank, "source_orders", {}).values()))
     if space.n_blocks != bank.n_blocks:
         raise SearchError(f"the order space has {space.n_blocks} blocks but the bank has {bank.n_blocks}")
-    if engine is None:
-        from ..engine import Engine
-
-        engine = Engine(bank, evalset, objective if objective is not None else "probe", **(engine_kwargs or {}))
+    if engine is None or isinstance(engine, EngineConfig):
+        engine = (engine or EngineConfig()).build(bank, evalset, objective if objective is not None else "probe")
     rungs, pruner = _fidelities(engine, searcher, fidelities, pruner)
     ctx = SearchContext(space, OrderEncoding(space), engine, bank, seed)
     meta = {
@@ -115,8 +113,7 @@ def search(
         "space": space.describe(),
         "objective": engine.objective.name,
         "fingerprint": bank.fingerprint,
-        "bank": {"source": bank.source, "path": getattr(bank, "path", None), "adapter": bank.adapter,
-                 "fingerprint": bank.fingerprint, "n_blocks": bank.n_blocks},
+        "bank": bank_description(bank),
         "data": evalset.describe() if hasattr(evalset, "describe") else None,
         "fidelities": rungs,
     }
@@ -162,7 +159,6 @@ def _loop(ctx: SearchContext, searcher: Searcher, rungs: list[int], callbacks: l
     finally:
         if bar is not None:
             bar.close()
-        _save_stats(study, stats0, _stats(engine))
     return _result(study, searcher, obj_name, _diff(stats0, _stats(engine)))
 
 
@@ -291,17 +287,6 @@ def _stats(engine: Any) -> dict[str, float]:
 
 def _diff(a: dict[str, float], b: dict[str, float]) -> dict[str, float]:
     return {k: b[k] - a[k] for k in _STAT_KEYS}
-
-
-def _save_stats(study: optuna.Study, before: dict[str, float], after: dict[str, float]) -> None:
-    """Add this run's engine counters to the study's (``engine_stats``), for reports."""
-    try:
-        total = dict(study.user_attrs.get("engine_stats") or {})
-        for k, v in _diff(before, after).items():
-            total[k] = total.get(k, 0.0) + v
-        study.set_user_attr("engine_stats", total)
-    except Exception:  # never hide the search's own error behind a bookkeeping one
-        log.debug("could not save engine stats", exc_info=True)
 
 
 def _result(study: optuna.Study, searcher: Searcher, objective: str, stats: dict[str, float]) -> SearchResult:
