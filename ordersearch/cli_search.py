@@ -97,7 +97,9 @@ def add_commands(subparsers: Any) -> None:
         add_bank_options(p, required=True)
         p.add_argument("--data", required=True, help="data spec, e.g. digits:rotate=30 or a folder")
         p.add_argument("--searcher", default=d["searcher"], choices=list_searchers(), help=f"default: {d['searcher']}")
-        p.add_argument("--objective", default=d["objective"], choices=list_objectives(), help=f"default: {d['objective']}")
+        p.add_argument("--objective", default=d["objective"], type=_objective_arg,
+                       help=f"one of {', '.join(list_objectives())}, with options (knn:k=20) or an ensemble "
+                            f"(ensemble:infomax+snd); default: {d['objective']}")
         p.add_argument("--trials", type=int, default=100, help="trial budget of the study, identity included (100)")
         p.add_argument("--batch-size", type=int, default=8, help="orders asked and scored together (8)")
         p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///<out>/study.db)")
@@ -145,6 +147,18 @@ def _config(args: argparse.Namespace) -> RunConfig:
     values = {k: v for k, v in vars(args).items() if k in names}
     values["model_arg"] = tuple(values.get("model_arg") or ())
     return RunConfig(**values)
+
+
+def _objective_arg(text: str) -> str:
+    """argparse type of ``--objective``: the string if it names an objective (else exit 2)."""
+    from .engine import get_objective
+    from .errors import ObjectiveError
+
+    try:
+        get_objective(text)
+    except ObjectiveError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -5,7 +5,7 @@ The CLI turns :class:`OrderSearchError` into exit code 2 and prints only its mes
 
 from __future__ import annotations
 
-__all__ = ["OrderSearchError", "OrderError", "BankError", "SpecError", "DataError", "SearchError"]
+__all__ = ["OrderSearchError", "OrderError", "BankError", "SpecError", "DataError", "ObjectiveError", "SearchError"]
 
 
 class OrderSearchError(ValueError):
@@ -30,3 +30,8 @@ class DataError(OrderSearchError):
 
 class SearchError(OrderSearchError):
     """A search cannot run as asked (unknown searcher, space too large, study mismatch)."""
+
+
+class ObjectiveError(OrderSearchError):
+    """An objective is unknown, misconfigured (bad options, an ensemble that cannot be
+    formed) or cannot score the data it was given."""

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from ordersearch.engine import Objective, Probe, get_objective, list_objectives, register_objective
+from ordersearch.errors import ObjectiveError
 from ordersearch.evalset import EvalSet
 
 
@@ -24,10 +25,13 @@ def _score(name, outputs, evalset, **kwargs):
     return obj.score(outputs, evalset, obj.prepare(evalset))
 
 
+NAMES = ["bnm", "ensemble", "entropy", "head", "infomax", "knn", "logme", "probe", "snd"]
+
+
 def test_registry_lists_the_objectives():
-    assert list_objectives() == ["entropy", "head", "infomax", "probe"]
+    assert list_objectives() == NAMES
     assert get_objective("probe").needs_labels and not get_objective("infomax").needs_labels
-    with pytest.raises(ValueError, match="known: entropy, head, infomax, probe"):
+    with pytest.raises(ObjectiveError, match="known: " + ", ".join(NAMES)):
         get_objective("accuracy")
 
 
@@ -149,7 +153,7 @@ def test_infomax_prefers_diverse_confident_predictions_over_collapse():
     assert _score("entropy", diverse, es)[0] == pytest.approx(_score("entropy", collapsed, es)[0])
 
 
-@pytest.mark.parametrize("name", ["infomax", "entropy"])
+@pytest.mark.parametrize("name", ["infomax", "entropy", "snd", "bnm"])
 def test_unsupervised_objectives_only_report_labels(name):
     g = torch.Generator().manual_seed(0)
     logits = torch.randn(20, 5, generator=g)

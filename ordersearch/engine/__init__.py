@@ -9,8 +9,11 @@ from __future__ import annotations
 from ._cache import GDSF, LRU, CachePolicy
 from ._config import EngineConfig
 from ._engine import Engine
+from ._ensemble import Ensemble
+from ._transfer import Knn, LogME
 from ._trie import count_distinct_prefixes
 from ._types import EngineStats, Score
+from ._unsupervised import BNM, SND
 from .objectives import (
     Entropy,
     Head,
@@ -23,6 +26,11 @@ from .objectives import (
 )
 
 __all__ = [
+    "BNM",
+    "Ensemble",
+    "Knn",
+    "LogME",
+    "SND",
     "CachePolicy",
     "Engine",
     "EngineConfig",

@@ -154,6 +154,7 @@ class Engine:
         self._events: list[tuple[Any, Any]] | None = [] if self.device.type == "cuda" else None
         self._retain: list[tuple[int, ...]] = []
         self._protect_dirty = False
+        self._calibrated = False
 
     # --- public API ---------------------------------------------------------------------
     @property
@@ -180,6 +181,9 @@ class Engine:
                 of it: a low-fidelity score for screening or pruning.
         """
         t0 = time.perf_counter()
+        if not self._calibrated:
+            self._calibrated = True
+            self.objective.calibrate(self)
         level = self._level(n_images)
         parsed = [Order.parse(o).validate(self.bank.n_blocks, min_len=0) for o in orders]
         if retain is not None:

@@ -10,6 +10,12 @@ of a candidate order on the whole EvalSet:
 - ``infomax`` — entropy of the mean prediction minus the mean prediction entropy (confident
   *and* diverse predictions): for an unlabelled target domain. Labels, where present, are
   only reported as ``accuracy``.
+- ``knn`` / ``logme`` — leave-one-out k-NN accuracy and LogME evidence on the pooled
+  features: labelled transferability scores that fit nothing on a split (``_transfer.py``).
+- ``snd`` / ``bnm`` — soft neighbourhood density and batch nuclear norm of the predictions:
+  unlabelled validators (``_unsupervised.py``).
+- ``ensemble:a+b`` — components standardised on a reference population of orders and
+  averaged (``_ensemble.py``).
 - ``entropy`` — minus the mean prediction entropy. Available for comparison but not a good
   target on its own: a search maximising confidence alone drifts to orders that predict one
   class for everything (seen in a prototype), which ``infomax``'s diversity term prevents.
@@ -32,6 +38,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from .._registry import Registry
+from ..errors import ObjectiveError
 from ..evalset import EvalSet
 
 __all__ = [
@@ -67,6 +74,12 @@ class Objective(ABC):
 
     def prepare(self, evalset: EvalSet) -> Any:
         """Candidate-independent state for ``evalset`` (passed back to :meth:`score`)."""
+        return None
+
+    def calibrate(self, engine: Any) -> None:
+        """Called by an :class:`~ordersearch.engine.Engine` before it scores its first candidate.
+        Objectives whose value is relative to a reference population of orders (``ensemble``)
+        score that population here, through ``engine.outputs``; the others do nothing."""
         return None
 
     def image_values(self, outputs: torch.Tensor, evalset: EvalSet, state: Any) -> torch.Tensor | None:
@@ -160,7 +173,7 @@ class Probe(Objective):
 
     def __init__(self, alphas: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)) -> None:
         if not alphas or min(alphas) <= 0:
-            raise ValueError("probe alphas must be positive")
+            raise ObjectiveError("probe alphas must be positive")
         self.alphas = tuple(float(a) for a in alphas)
 
     def prepare(self, evalset: EvalSet) -> _ProbeState:
@@ -383,7 +396,7 @@ class Infomax(Objective):
 
 # --- registry -------------------------------------------------------------------------
 
-_OBJECTIVES: Registry[Objective] = Registry("objective", Objective, ValueError, options="keyword arguments")
+_OBJECTIVES: Registry[Objective] = Registry("objective", Objective, ObjectiveError, options="keyword arguments")
 
 
 def register_objective(name: str, factory: Callable[..., Objective]) -> None:
@@ -397,12 +410,71 @@ def list_objectives() -> list[str]:
 
 
 def get_objective(objective: str | Objective, **kwargs: Any) -> Objective:
-    """An objective by name (``probe``, ``head``, ``infomax``, ``entropy``) or as given."""
+    """An objective by name, or as given.
+
+    Names: ``probe``, ``knn``, ``logme``, ``head`` (labelled); ``infomax``, ``snd``, ``bnm``,
+    ``entropy`` (unlabelled); options after a colon (``knn:k=20,temperature=0.1``); and
+    ensembles (``ensemble:infomax+snd``, ``ensemble:2*infomax+bnm,mode=rank``). An objective
+    made from a string with options keeps that string as its :attr:`Objective.name`, so the
+    name recorded with a study rebuilds it.
+    """
+    if isinstance(objective, str) and ":" in objective:
+        base, _, rest = objective.partition(":")
+        if kwargs:
+            raise ObjectiveError(f"objective {objective!r}: give options in the string or as keyword arguments, not both")
+        if base.strip() == "ensemble":
+            from ._ensemble import Ensemble
+
+            try:
+                return Ensemble.parse(rest)
+            except ObjectiveError:
+                raise
+            except ValueError as exc:
+                raise ObjectiveError(f"objective {objective!r}: {exc}") from None
+        try:
+            made = _OBJECTIVES.get_or_make(base.strip(), **_options(objective, rest))
+        except ObjectiveError:
+            raise
+        except ValueError as exc:  # e.g. int("x") for k=x
+            raise ObjectiveError(f"objective {objective!r}: {exc}") from None
+        made.name = objective.strip()  # type: ignore[misc]
+        return made
     return _OBJECTIVES.get_or_make(objective, **kwargs)
 
 
-for _cls in (Probe, Head, Infomax, Entropy):
-    register_objective(_cls.name, _cls)
+def _options(objective: str, text: str) -> dict[str, Any]:
+    """``k=20,temperature=0.1`` -> {"k": 20, "temperature": 0.1} (ints, floats, true/false)."""
+    out: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip():
+            raise ObjectiveError(f"objective {objective!r}: options are key=value, got {part!r}")
+        value = value.strip()
+        parsed: Any = value
+        if value.lower() in ("true", "false"):
+            parsed = value.lower() == "true"
+        else:
+            for kind in (int, float):
+                try:
+                    parsed = kind(value)
+                    break
+                except ValueError:
+                    pass
+        out[key.strip()] = parsed
+    return out
+
+
+def _register_builtin() -> None:
+    from ._ensemble import Ensemble
+    from ._transfer import Knn, LogME
+    from ._unsupervised import BNM, SND
+
+    for cls in (Probe, Knn, LogME, Head, Infomax, SND, BNM, Entropy):
+        register_objective(cls.name, cls)
+    register_objective("ensemble", Ensemble)
+
+
+_register_builtin()
 
 
 def is_finite(value: float) -> bool:
