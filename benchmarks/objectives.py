@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import gc
 import logging
 import os
 import platform
@@ -150,6 +151,12 @@ def score_target(bank: Any, setting: Setting, spec: str, seed: int, n_orders: in
         seconds = time.perf_counter() - t1
         values = {o: v for o, (v, _) in zip(orders, scored) if torch.isfinite(torch.tensor(v))}
         results[name] = measure(values, truth) | {"seconds_per_candidate": seconds / len(orders)}
+    # free the caches before the next target: a 1-seed run grew to 24 GB and was OOM-killed at
+    # its fifth target without this (see the note in RESULTS.md)
+    for engine in [truth_engine, *engines.values()]:
+        engine.clear()
+    outputs.clear()
+    gc.collect()
     best = max(truth.values())
     log.info("%s seed %d: %d orders, best truth %.3f, identity %.3f (%.0f s)", spec, seed, len(orders), best,
              truth.get(bank.identity, float("nan")), time.perf_counter() - t0)
