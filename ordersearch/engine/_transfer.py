@@ -18,26 +18,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 
 from ..errors import ObjectiveError
 from ..evalset import EvalSet
-from .objectives import Objective, _left_singular, single_threaded
+from .objectives import _GROUP_BYTES, Objective, _left_singular, candidate_groups, single_threaded
 
 __all__ = ["Knn", "LogME"]
 
 # (B, N, N) similarity matrices are built for at most this many bytes of candidates at once
 _SIM_BYTES = 64 * 2**20
-
-
-def candidate_groups(outputs: Sequence[torch.Tensor], bytes_each: int, budget: int = _SIM_BYTES) -> list[list[torch.Tensor]]:
-    """``outputs`` cut into consecutive groups of at most ``budget`` bytes of work each (one
-    candidate at least)."""
-    step = max(1, budget // max(bytes_each, 1))
-    return [list(outputs[i : i + step]) for i in range(0, len(outputs), step)]
 
 
 def work_dtype(device: torch.device) -> torch.dtype:
@@ -101,7 +93,7 @@ class Knn(Objective):
         n = outputs[0].shape[0]
         k = min(self.k, n - 1)
         out = []
-        for group in candidate_groups(outputs, 8 * n * n):
+        for group in candidate_groups(outputs, 8 * n * n, _SIM_BYTES):
             for correct in self._correct(group, state):
                 out.append((float(correct.double().mean()), {"k": float(k)}))
         return out
@@ -110,7 +102,7 @@ class Knn(Objective):
         """(B, N) bool: each image's leave-one-out prediction is right."""
         x = torch.stack(list(outputs)).detach().flatten(2)
         x = x.to(work_dtype(x.device))
-        with single_threaded() if x.device.type == "cpu" else nullcontext():
+        with single_threaded(x.device):
             if self.center:
                 x = x - x.mean(1, keepdim=True)
             x = torch.nn.functional.normalize(x, dim=2)
@@ -173,7 +165,7 @@ class LogME(Objective):
         if not outputs:
             return []
         out = []
-        for group in candidate_groups(outputs, 8 * outputs[0].numel(), 2 * 2**20):
+        for group in candidate_groups(outputs, 8 * outputs[0].numel()):
             x = torch.stack(group).detach().to("cpu", torch.float64).flatten(2)
             evidence, ratio = self._evidence(x, state.onehot.expand(len(group), -1, -1))
             out += [(e, {"alpha_over_beta": r}) for e, r in zip(evidence.tolist(), ratio.tolist())]
@@ -182,7 +174,7 @@ class LogME(Objective):
     def resampled_values(self, outputs: torch.Tensor, evalset: EvalSet, state: _LogMEState, idx: torch.Tensor) -> torch.Tensor:
         """LogME of every resample, computed as a batch (a resample is a candidate of its own)."""
         x = outputs.detach().to("cpu", torch.float64).flatten(1)
-        step = max(1, (2 * 2**20) // max(8 * idx.shape[1] * x.shape[1], 1))
+        step = max(1, _GROUP_BYTES // max(8 * idx.shape[1] * x.shape[1], 1))
         return torch.cat([self._evidence(x[rows], state.onehot[rows])[0] for rows in idx.split(step)])
 
     def _evidence(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,15 +16,14 @@ labels, where the EvalSet has them, are reported as the side metric ``accuracy``
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
 from typing import Any
 
 import torch
 
 from ..errors import ObjectiveError
 from ..evalset import EvalSet
-from ._transfer import candidate_groups, work_dtype
-from .objectives import Objective, _accuracy, single_threaded
+from ._transfer import _SIM_BYTES, work_dtype
+from .objectives import _GROUP_BYTES, Objective, _accuracy, candidate_groups, single_threaded
 
 __all__ = ["BNM", "SND"]
 
@@ -33,10 +32,6 @@ def _probabilities(outputs: Sequence[torch.Tensor]) -> torch.Tensor:
     """Softmax predictions (B, N, C) of a group of candidates' logits, in the work dtype."""
     x = torch.stack(list(outputs)).detach()
     return torch.softmax(x.to(work_dtype(x.device)), dim=2)
-
-
-def _threads(device: torch.device) -> Any:
-    return single_threaded() if device.type == "cpu" else nullcontext()
 
 
 class SND(Objective):
@@ -71,7 +66,7 @@ class SND(Objective):
             return []
         n = outputs[0].shape[0]
         out = []
-        for group in candidate_groups(outputs, 8 * n * n):
+        for group in candidate_groups(outputs, 8 * n * n, _SIM_BYTES):
             p = _probabilities(group)
             for ent, pi in zip(self._entropies(p), p):
                 out.append((float(ent.mean()), _accuracy(pi.cpu(), evalset)))
@@ -87,7 +82,7 @@ class SND(Objective):
         """(B, N) neighbourhood entropies of predictions ``p`` (B, N, C)."""
         if p.shape[1] < 2:
             raise ObjectiveError("snd needs at least 2 images")
-        with _threads(p.device):
+        with single_threaded(p.device):
             q = torch.nn.functional.normalize(p, dim=2)
             sim = (q @ q.mT) / self.temperature
             diag = torch.eye(sim.shape[1], dtype=torch.bool, device=sim.device)
@@ -117,7 +112,7 @@ class BNM(Objective):
         if not outputs:
             return []
         out = []
-        for group in candidate_groups(outputs, 8 * outputs[0].numel(), 2 * 2**20):
+        for group in candidate_groups(outputs, 8 * outputs[0].numel()):
             p = _probabilities(group)
             values = self._norms(p).tolist()
             out += [(v, _accuracy(pi.cpu(), evalset)) for v, pi in zip(values, p)]
@@ -127,10 +122,10 @@ class BNM(Objective):
         """The value on every resample, as one batch of singular-value computations."""
         p = _probabilities([outputs])[0]
         idx = idx.to(p.device)
-        step = max(1, (2 * 2**20) // max(8 * idx.shape[1] * p.shape[1], 1))
+        step = max(1, _GROUP_BYTES // max(8 * idx.shape[1] * p.shape[1], 1))
         return torch.cat([self._norms(p[rows]) for rows in idx.split(step)]).double().cpu()
 
     @staticmethod
     def _norms(p: torch.Tensor) -> torch.Tensor:
-        with _threads(p.device):
+        with single_threaded(p.device):
             return torch.linalg.svdvals(p).sum(1) / p.shape[1]

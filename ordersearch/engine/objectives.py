@@ -119,11 +119,12 @@ class Objective(ABC):
 
 
 @contextmanager
-def single_threaded() -> Iterator[None]:
+def single_threaded(device: torch.device | None = None) -> Iterator[None]:
     """Small dense solves on one thread: with two OpenMP threads a prototype's 2-3 ms ridge
-    solve sometimes took 184 ms. Setting torch's thread count is cheap (~0.2 µs)."""
+    solve sometimes took 184 ms. Setting torch's thread count is cheap (~0.2 µs). A no-op
+    for work on an accelerator ``device``."""
     n = torch.get_num_threads()
-    if n == 1:
+    if n == 1 or (device is not None and device.type != "cpu"):
         yield
         return
     torch.set_num_threads(1)
@@ -131,6 +132,19 @@ def single_threaded() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(n)
+
+
+#: Candidates' outputs are scored in groups of at most this many bytes of work (larger
+#: batches run out of the CPU caches).
+_GROUP_BYTES = 2 * 2**20
+
+
+def candidate_groups(outputs: Sequence[torch.Tensor], bytes_each: int,
+                     budget: int = _GROUP_BYTES) -> list[list[torch.Tensor]]:
+    """``outputs`` cut into consecutive groups of at most ``budget`` bytes of work each (one
+    candidate at least)."""
+    step = max(1, budget // max(bytes_each, 1))
+    return [list(outputs[i : i + step]) for i in range(0, len(outputs), step)]
 
 
 # --- labelled -------------------------------------------------------------------------
@@ -204,10 +218,7 @@ class Probe(Objective):
         candidate is a batch of one, so the values do not depend on the batching."""
         if not outputs:
             return []
-        step = max(1, _GROUP_BYTES // max(8 * outputs[0].numel(), 1))
-        if len(outputs) > step:
-            return [s for i in range(0, len(outputs), step) for s in self.score_many(outputs[i : i + step], evalset, state)]
-        return self._group(outputs, state)[0]
+        return [s for group in candidate_groups(outputs, 8 * outputs[0].numel()) for s in self._group(group, state)[0]]
 
     def _group(
         self, outputs: Sequence[torch.Tensor], state: _ProbeState
@@ -268,8 +279,6 @@ def _left_singular(zt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ut = u.mT * keep[:, :, None]
     return torch.where(keep, lam, 0.0), ut
 
-
-_GROUP_BYTES = 2 * 2**20
 
 
 def _argmax(x: torch.Tensor, dim: int) -> torch.Tensor:
