@@ -2,12 +2,29 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Iterable
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["Registry"]
+__all__ = ["Registry", "parse_options"]
+
+
+def parse_options(items: Iterable[str], bad: Callable[[str], Exception]) -> dict[str, Any]:
+    """``["k=20", "center=false", "mode=z"]`` -> {"k": 20, "center": False, "mode": "z"}: values
+    read as JSON when they parse, else kept as text. Raises ``bad(item)`` for an item that is
+    not KEY=VALUE."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise bad(item)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value
+    return out
 
 
 class Registry(dict[str, Callable[..., T]], Generic[T]):

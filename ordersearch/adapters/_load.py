@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from .._registry import parse_options
 from ..bank import BANK_FORMAT, BANK_FORMAT_VERSION, Bank
 from ..errors import BankError
 from ._registry import bank_from_model
@@ -107,16 +108,7 @@ def file_sha256(path: Path) -> str:
 def parse_model_args(items: list[str] | tuple[str, ...]) -> dict[str, Any]:
     """``["img_size=64", "depth=4", "global_pool=avg"]`` -> model keyword arguments (values
     read as JSON when they parse, else kept as text), for ``--model-arg`` on the command line."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip().isidentifier():
-            raise BankError(f"model argument {item!r} is not KEY=VALUE (e.g. img_size=64)")
-        try:
-            out[key.strip()] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key.strip()] = value
-    return out
+    return parse_options(items, lambda item: BankError(f"model argument {item!r} is not KEY=VALUE (e.g. img_size=64)"))
 
 
 def _canonical(text: str, model: torch.nn.Module) -> str:

@@ -37,7 +37,7 @@ from typing import Any, ClassVar, Literal
 
 import torch
 
-from .._registry import Registry
+from .._registry import Registry, parse_options
 from ..errors import ObjectiveError
 from ..evalset import EvalSet
 
@@ -452,25 +452,9 @@ def get_objective(objective: str | Objective, **kwargs: Any) -> Objective:
 
 
 def _options(objective: str, text: str) -> dict[str, Any]:
-    """``k=20,temperature=0.1`` -> {"k": 20, "temperature": 0.1} (ints, floats, true/false)."""
-    out: dict[str, Any] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, eq, value = part.partition("=")
-        if not eq or not key.strip():
-            raise ObjectiveError(f"objective {objective!r}: options are key=value, got {part!r}")
-        value = value.strip()
-        parsed: Any = value
-        if value.lower() in ("true", "false"):
-            parsed = value.lower() == "true"
-        else:
-            for kind in (int, float):
-                try:
-                    parsed = kind(value)
-                    break
-                except ValueError:
-                    pass
-        out[key.strip()] = parsed
-    return out
+    """``k=20,temperature=0.1`` -> {"k": 20, "temperature": 0.1} (values read as JSON, else text)."""
+    items = [p.strip() for p in text.split(",") if p.strip()]
+    return parse_options(items, lambda item: ObjectiveError(f"objective {objective!r}: options are key=value, got {item!r}"))
 
 
 def _register_builtin() -> None:
