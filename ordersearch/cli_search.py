@@ -165,7 +165,7 @@ def _run(args: argparse.Namespace) -> int:
     import optuna
 
     from . import data as osdata
-    from .engine import EngineConfig, get_objective
+    from .engine import EngineConfig
     from .order import Order
     from .report import write_outputs
     from .search import SearchError, SearchJob, SelectionConfig, sqlite_url
@@ -184,7 +184,6 @@ def _run(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise SearchError(f"--out {out} is a file, not a folder")
     bank = bank_from_args(args)
-    get_objective(cfg.objective)
     spec = osdata.parse_spec(cfg.data)
     if cfg.splits:
         from dataclasses import replace
