@@ -6,9 +6,20 @@ buffers. With glibc's defaults a freed block of a few MiB goes back to the opera
 new block, and each new block is faulted in page by page, so on small blocks a forward inside
 the engine ran measurably slower than the same forward in a plain model, which allocates in a
 small heap it keeps reusing (``benchmarks/engine.py`` reports the per-block ratio). Here the
-mmap threshold is raised (blocks up to 32 MiB come from the heap), the heap grows in steps of
-64 MiB, and free memory at its top is kept up to twice the largest cache budget of an engine
-created in the process, so freed memory is reused by the next allocation of the same size.
+mmap threshold is raised to 4 MiB (a small block's chunk and temporaries come from the heap),
+the heap grows in steps of 64 MiB, and free memory at its top is kept up to twice the largest
+cache budget of an engine created in the process, so freed memory is reused by the next
+allocation of the same size.
+
+The threshold stays at 4 MiB, not glibc's 32 MiB maximum: larger temporaries on the heap
+(whole evaluation sets in one chunk, several engines in one process) left holes that the
+small allocations between them split, and the heap grew past them. Measured with
+``benchmarks/objectives.py``'s engines (chunks of 2,048 images, 17.7 MB temporaries): 32 MiB
+grew the heap to 9-11 GB, 1.2 GB of it in use, and a run was killed for memory; 4 MiB peaked
+at 2.2 GB, target after target. Mapped temporaries are faulted in at every forward: that costs
+little beside a large block's arithmetic, but the same run took 2.3x as long with 2,048-image
+chunks of a width-16 ResNet as with 192-image chunks that stay on the heap (the engine's
+default chunk is 64 images on the CPU).
 
 The settings are process-wide, so they are applied only on Linux with glibc, and not when the
 user chose their own: ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``,
@@ -33,8 +44,8 @@ _M_TRIM_THRESHOLD = -1
 _M_TOP_PAD = -2
 _M_MMAP_THRESHOLD = -3
 _INT_MAX = 2**31 - 1
-#: Largest block glibc lets the heap serve (HEAP_MAX_SIZE / 2 on 64-bit); larger ones are mmapped.
-MMAP_THRESHOLD = 32 * 2**20
+#: Largest block the heap serves; larger ones are mapped and unmapped on their own.
+MMAP_THRESHOLD = 4 * 2**20
 #: Extra memory the heap asks for each time it grows (untouched pages cost no RSS).
 TOP_PAD = 64 * 2**20
 #: Least free memory at the heap's top kept for reuse rather than returned to the system.
