@@ -222,9 +222,11 @@ def load_order(path: str | Path, bank: Bank | None = None) -> OrderSpec:
     """
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise SpecError(f"order spec {path} does not exist") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError(f"order spec {path} is not text (byte {exc.start} is not UTF-8): not a spec") from None
     except OSError as exc:
         raise SpecError(f"cannot read order spec {path}: {exc.strerror}") from None
     try:

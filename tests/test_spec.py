@@ -79,6 +79,9 @@ def test_truncated_and_foreign_files(bank, tmp_path):
         load_order(path)
     with pytest.raises(SpecError, match="does not exist"):
         load_order(tmp_path / "missing.json")
+    path.write_bytes(bytes([0x97, 0xFF, 0x00, 0x12]) * 50)  # random bytes, not UTF-8
+    with pytest.raises(SpecError, match="is not text"):
+        load_order(path)
 
 
 def test_newer_schema_version_is_refused(bank, tmp_path):
