@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 import timm
 import torch
@@ -141,6 +143,25 @@ def test_bad_bank_files_fail_in_one_line(tmp_path):
         load_bank("isoresnet:width=8,depth=3")
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda h: [1, 2], "is a JSON list, not an object"),
+    (lambda h: h | {"version": "x"}, "version 'x' is not a positive integer"),
+    (lambda h: h | {"version": 0}, "version 0 is not a positive integer"),
+    (lambda h: h | {"model_kwargs": [1]}, "'model_kwargs' is a JSON list, expected an object"),
+    (lambda h: h | {"source": 3}, "'source' is a JSON int, expected a string"),
+    (lambda h: {k: v for k, v in h.items() if k != "source"}, "names no source model"),
+])
+def test_malformed_bank_headers_fail_in_one_line(tmp_path, edit, message):
+    from safetensors.torch import load_file, save_file
+
+    model = ordersearch.IsoResNet(width=8, blocks=2, classes=10)
+    path = bank_from_model(model, source=model.config.source()).save(tmp_path / "b.safetensors")
+    header = ordersearch.adapters.read_bank_header(path)
+    save_file(load_file(str(path)), str(path), metadata={"ordersearch": json.dumps(edit(header))})
+    with pytest.raises(BankError, match=message):
+        load_bank(path)
+
+
 def test_in_memory_bank_cannot_be_saved(tmp_path):
     bank = bank_from_model(_convmixer(), data_config={"input_size": (3, 32, 32)})
     with pytest.raises(BankError, match="cannot be rebuilt"):
@@ -169,6 +190,31 @@ def test_timm_checkpoint_and_pretrained_file_paths(tmp_path):
     assert bank.fingerprint == want
     with pytest.raises(BankError, match="does not exist"):
         load_bank("timm:vit_tiny_patch16_224", checkpoint=tmp_path / "missing.pth", **kw)
+
+
+class _Payload:
+    """Unpickling this would run ``os.system``: a checkpoint holding it must be refused, not run."""
+
+    def __reduce__(self):
+        import os
+
+        return os.system, ("touch pwned",)
+
+
+@pytest.mark.parametrize("source, kw", [
+    ("isoresnet:width=8,blocks=2,classes=10", {}),
+    ("timm:vit_tiny_patch16_224", dict(depth=2, img_size=32, patch_size=8, embed_dim=32, num_heads=2)),
+])
+def test_pickled_checkpoints_are_refused_in_one_line(tmp_path, monkeypatch, recwarn, source, kw):
+    import pickle
+
+    monkeypatch.chdir(tmp_path)
+    bad = tmp_path / "ck.pt"
+    bad.write_bytes(pickle.dumps({"model": _Payload()}))
+    with pytest.raises(BankError, match="holds pickled objects other than tensors; not loaded") as info:
+        load_bank(source, checkpoint=bad, **kw)
+    assert "\n" not in str(info.value) and not (tmp_path / "pwned").exists()
+    assert not [w for w in recwarn if "pickle" in str(w.message)]
 
 
 def test_isoresnet_checkpoint_and_data_config(tmp_path):

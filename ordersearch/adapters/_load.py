@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import hashlib
 import json
 import logging
-from collections.abc import Callable
+import pickle
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -156,8 +159,13 @@ def _build(source: str, *, pretrained: bool, checkpoint: str | Path | None, **mo
                 raise BankError(f"checkpoint {checkpoint} does not exist")
             kwargs["checkpoint_path"] = str(checkpoint)  # timm loads it with weights_only=True
         try:
-            return timm.create_model(name, pretrained=pretrained, **kwargs).eval()
+            with _quiet_unpickler():
+                return timm.create_model(name, pretrained=pretrained, **kwargs).eval()
+        except pickle.UnpicklingError:
+            raise BankError(_refused(checkpoint)) from None
         except (OSError, RuntimeError, TypeError) as exc:
+            if checkpoint is not None and "weights_only" in str(exc):  # timm re-raises torch's refusal
+                raise BankError(_refused(checkpoint)) from None
             what = "pretrained weights" if pretrained else "the model"
             raise BankError(f"timm could not create {name} with {what}: {_one_line(exc)}") from None
     if scheme in _SOURCES:
@@ -176,6 +184,20 @@ def _build(source: str, *, pretrained: bool, checkpoint: str | Path | None, **mo
     )
 
 
+def _refused(path: Path | str | None) -> str:
+    return (f"checkpoint {path} holds pickled objects other than tensors; not loaded, since loading them "
+            "could run code: save a state_dict (torch.save(model.state_dict(), ...)) or a .safetensors file")
+
+
+@contextlib.contextmanager
+def _quiet_unpickler() -> Iterator[None]:
+    """torch.load(weights_only=True) warns about the pickle protocol before refusing a file:
+    the refusal alone is the message."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*pickle protocol", category=UserWarning)
+        yield
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -189,7 +211,11 @@ def _load_weights(model: torch.nn.Module, path: Path) -> None:
 
         state = load_file(str(path))
     else:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            with _quiet_unpickler():
+                state = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            raise BankError(_refused(path)) from None
         if isinstance(state, dict):
             for key in ("state_dict", "model"):
                 if isinstance(state.get(key), dict):
@@ -218,9 +244,20 @@ def read_bank_header(path: Path) -> dict[str, Any]:
         header = json.loads(meta["ordersearch"])
     except json.JSONDecodeError:
         raise BankError(f"{path}: the bank header is not valid JSON") from None
+    if not isinstance(header, dict):
+        raise BankError(f"{path}: the bank header is a JSON {type(header).__name__}, not an object")
     if header.get("format") != BANK_FORMAT:
         raise BankError(f"{path}: format {header.get('format')!r} is not {BANK_FORMAT!r}")
-    if int(header.get("version", 0)) > BANK_FORMAT_VERSION:
+    version = header.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise BankError(f"{path}: bank format version {version!r} is not a positive integer")
+    for key, kind in (("source", str), ("model_kwargs", dict), ("data_config", dict), ("source_orders", dict)):
+        if key in header and header[key] is not None and not isinstance(header[key], kind):
+            raise BankError(f"{path}: the bank header's {key!r} is a JSON {type(header[key]).__name__}, "
+                            f"expected {'a string' if kind is str else 'an object'}")
+    if not header.get("source"):
+        raise BankError(f"{path}: the bank header names no source model")
+    if version > BANK_FORMAT_VERSION:
         raise BankError(
             f"{path}: bank format version {header['version']} is newer than this ordersearch "
             f"understands ({BANK_FORMAT_VERSION}); upgrade ordersearch"
