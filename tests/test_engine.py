@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ordersearch import Order, OrderError, build_model, load_bank
+from ordersearch import DataError, Order, OrderError, build_model, load_bank
 from ordersearch.engine import Engine, Score, count_distinct_prefixes, get_objective, list_objectives
 from ordersearch.evalset import EvalSet
 
@@ -413,6 +413,10 @@ def test_labelled_objective_needs_labels(banks, data):
     with pytest.raises(ValueError, match="needs labels"):
         Engine(banks["isoresnet"], unlabelled, "probe")
     assert Engine(banks["isoresnet"], unlabelled, "infomax").evaluate(["0-1"])[0].ok
+    one_class = EvalSet(data["isoresnet"].x, torch.zeros(len(data["isoresnet"].x), dtype=torch.long))
+    for name in ("probe", "knn", "logme", "head"):
+        with pytest.raises(DataError, match="at least 2 classes"):
+            Engine(banks["isoresnet"], one_class, name)
 
 
 # --- normalisation ------------------------------------------------------------------------

@@ -118,6 +118,9 @@ class Engine:
         self.objective = get_objective(objective)
         if self.objective.needs_labels and not evalset.has_labels:
             raise DataError(f"objective {self.objective.name!r} needs labels; this EvalSet has none")
+        if self.objective.needs_labels and int(evalset.y.unique().numel()) < 2:
+            raise DataError(f"objective {self.objective.name!r} needs images of at least 2 classes; "
+                            f"{evalset.name or 'this EvalSet'} has one (any order would score 1.0)")
         if self.objective.output == "logits" and bank.head is None:
             raise BankError(f"objective {self.objective.name!r} needs the bank's head; this bank has none")
         if norm not in ("source", "target"):
