@@ -167,10 +167,24 @@ class Bank(nn.Module):
         """
         h = hashlib.sha256(self.adapter.encode())
         for i, block in enumerate(self.blocks):
-            for name, t in sorted(block.state_dict().items()):
-                t = t.detach().to("cpu").contiguous().reshape(-1)
-                h.update(f"{i}.{name}:{t.dtype}:{tuple(t.shape)}".encode())
-                h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+            _hash_state(h, f"{i}.", block)
+        return h.hexdigest()
+
+    @property
+    def digest(self) -> str:
+        """sha256 over everything that changes a score: the block fingerprint, every other
+        weight and buffer (stem, head, norms) and the data config (input size, mean, std).
+
+        Saved in the header (a bank whose header or weights were edited since is refused) and
+        recorded by a study (a resume on a changed bank is refused).
+        """
+        h = hashlib.sha256(self.fingerprint.encode())
+        parts = [("model.", self.model)] if isinstance(self.model, nn.Module) else [
+            ("stem.", self.stem), ("head.", self.head), ("features.", self.features)]
+        for prefix, module in parts:
+            if isinstance(module, nn.Module):
+                _hash_state(h, prefix, module)
+        h.update(json.dumps(_jsonable(self.data_config), sort_keys=True).encode())
         return h.hexdigest()
 
     def describe_source(self) -> str:
@@ -209,6 +223,7 @@ class Bank(nn.Module):
             "data_config": _jsonable(self.data_config),
             "source_orders": {k: v.to_list() for k, v in self.source_orders.items()},
             "fingerprint": self.fingerprint,
+            "digest": self.digest,
         }
 
     def save(self, path: str | Path) -> Path:
@@ -239,6 +254,13 @@ class Bank(nn.Module):
         self.path = str(path)
         log.info("saved bank %s (%d blocks) to %s", self.describe_source(), self.n_blocks, path)
         return path
+
+
+def _hash_state(h: Any, prefix: str, module: nn.Module) -> None:
+    for name, t in sorted(module.state_dict().items()):
+        t = t.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{prefix}{name}:{t.dtype}:{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
 
 
 def _jsonable(value: Any) -> Any:

@@ -104,6 +104,8 @@ def add_commands(subparsers: Any) -> None:
         p.add_argument("--batch-size", type=int, default=8, help="orders asked and scored together (8)")
         p.add_argument("--storage", help="Optuna storage URL (default: sqlite:///<out>/study.db)")
         p.add_argument("--study", help="study name; an existing study resumes (default: <command>-<objective>-<searcher>)")
+        p.add_argument("--force-new", action="store_true",
+                       help="delete the study of that name, if any, and start afresh (instead of resuming)")
         p.add_argument("--seed", type=int, default=0, help="seed of data splits, searcher and bootstrap (0)")
         p.add_argument("--out", default=f"runs/{command}", help=f"run folder (default: runs/{command})")
         p.add_argument("--splits", metavar="SEARCH/SELECT/TEST",
@@ -210,6 +212,14 @@ def _run(args: argparse.Namespace) -> int:
     study_name = cfg.study or f"{cfg.command}-{cfg.objective}-{cfg.searcher}"
     from .spec import write_atomic
 
+    if args.force_new:
+        from .search import make_storage
+
+        try:
+            optuna.delete_study(study_name=study_name, storage=make_storage(storage))
+            log.warning("deleted study %r in %s (--force-new)", study_name, storage)
+        except KeyError:
+            pass  # nothing to delete
     write_atomic(out / "config.json", json.dumps({**asdict(cfg), "storage": storage, "study": study_name}, indent=2) + "\n")
     job = SearchJob(bank=bank, data=data, objective=cfg.objective, searcher=cfg.searcher, space=space,
                     engine=engine, n_trials=cfg.trials, batch_size=cfg.batch_size, storage=storage,

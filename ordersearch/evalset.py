@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,6 +136,19 @@ class EvalSet:
             name=self.name if name is None else name,
             classes=self.classes,
         )
+
+    @property
+    def digest(self) -> str:
+        """sha256 over the images, labels and split: what a resumed study must score on."""
+        h = hashlib.sha256()
+        for t in (self.x, self.y, self.train_idx, self.val_idx):
+            if t is None:
+                h.update(b"none")
+                continue
+            t = t.detach().to("cpu").contiguous()
+            h.update(f"{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        return h.hexdigest()
 
     def describe(self) -> dict[str, Any]:
         """JSON-friendly description for specs and reports."""

@@ -162,6 +162,26 @@ def test_malformed_bank_headers_fail_in_one_line(tmp_path, edit, message):
         load_bank(path)
 
 
+def test_digest_covers_stem_head_and_data_config_and_an_edited_header_is_refused(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = ordersearch.IsoResNet(width=8, blocks=2, classes=10)
+    bank = bank_from_model(model, source=model.config.source())
+    digest, fingerprint = bank.digest, bank.fingerprint
+    with torch.no_grad():
+        model.fc.bias.add_(1.0)  # not a block: the fingerprint stays, the digest changes
+    assert bank.fingerprint == fingerprint and bank.digest != digest
+    path = bank.save(tmp_path / "b.safetensors")
+    assert load_bank(path).digest == bank.digest
+    header = ordersearch.adapters.read_bank_header(path)
+    header["data_config"]["mean"] = [0.1]  # an edited preprocessing
+    save_file(load_file(str(path)), str(path), metadata={"ordersearch": json.dumps(header)})
+    with pytest.raises(BankError, match="do not match the digest"):
+        load_bank(path)
+    # an explicit override is the user's choice, not an edit: allowed
+    assert load_bank(path, data_config={"mean": [0.2]}).data_config["mean"] == [0.2]
+
+
 def test_in_memory_bank_cannot_be_saved(tmp_path):
     bank = bank_from_model(_convmixer(), data_config={"input_size": (3, 32, 32)})
     with pytest.raises(BankError, match="cannot be rebuilt"):

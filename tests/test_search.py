@@ -186,7 +186,7 @@ def test_differentiable_on_an_unsupervised_objective():
 def test_resuming_with_other_settings_is_refused(problem, tmp_path):
     storage = f"sqlite:///{tmp_path / 's.db'}"
     problem.run(lambda: "random", n_trials=2, storage=storage, study_name="x", seed=0)
-    with pytest.raises(SearchError, match="was made with searcher 'random', not 'tpe'"):
+    with pytest.raises(SearchError, match="was made with another searcher: 'random', not 'tpe'"):
         problem.run(lambda: "tpe", n_trials=2, storage=storage, study_name="x", seed=0)
 
 

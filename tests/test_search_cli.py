@@ -40,6 +40,27 @@ def test_search_writes_its_files_and_resumes(tmp_path, capsys):
     assert len(again) == 10 and list(again["order"][:8]) == list(trials["order"])
 
 
+@pytest.mark.parametrize("change, named", [
+    (["--data", "digits:rotate=45"], "other data (images, labels or split): 'digits:rotate=30[search]"),
+    (["--seed", "1"], "other data (images, labels or split)"),
+    (["--n-images", "100"], "other data (images, labels or split)"),
+    (["--norm", "target"], "other engine settings"),
+])
+def test_resuming_on_other_data_or_settings_is_refused_in_one_line(tmp_path, capsys, change, named):
+    out = tmp_path / "run"
+    argv = ["search", *COMMON, "--searcher", "random", "--trials", "3", "--finalists", "2", "--out", str(out)]
+    assert main(argv) == 0
+    before = (out / "trials.csv").read_text()
+    capsys.readouterr()
+    changed = [*argv, *change]  # argparse: the last occurrence of an option wins
+    assert main(changed) == 2
+    err = capsys.readouterr().err.strip()
+    assert named in err and len(err.splitlines()) == 1 and "--force-new" in err
+    assert (out / "trials.csv").read_text() == before  # nothing lost
+    # --force-new starts the study afresh on the new settings
+    assert main([*changed, "--force-new"]) == 0
+
+
 def test_adapt_uses_infomax_without_labels_and_export_writes_the_top_orders(tmp_path, capsys):
     out = tmp_path / "adapt"
     argv = ["adapt", *COMMON, "--searcher", "differentiable", "--trials", "4", "--out", str(out)]

@@ -287,6 +287,9 @@ def _load_saved(path: Path, *, data_config: dict[str, Any] | None, verify: bool)
     )
     if header.get("fingerprint") and bank.fingerprint != header["fingerprint"]:
         raise BankError(f"{path}: weights do not match the fingerprint in the header (file altered?)")
+    # banks saved before the digest existed have only the block fingerprint
+    if header.get("digest") and not data_config and bank.digest != header["digest"]:
+        raise BankError(f"{path}: weights or data config do not match the digest in the header (file altered?)")
     bank.path = str(path)
     log.info("loaded bank %s from %s", bank.describe_source(), path)
     return bank

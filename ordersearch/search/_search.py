@@ -113,8 +113,11 @@ def search(
         "space": space.describe(),
         "objective": engine.objective.name,
         "fingerprint": bank.fingerprint,
+        "bank_digest": bank.digest,
         "bank": bank_description(bank),
         "data": evalset.describe() if hasattr(evalset, "describe") else None,
+        "data_digest": evalset.digest,
+        "engine": {"dtype": str(engine.dtype).removeprefix("torch."), "norm": engine.norm},
         "fidelities": rungs,
     }
     ctx.study = open_study(make_storage(storage), study_name, sampler=searcher.make_sampler(ctx),

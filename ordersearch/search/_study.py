@@ -6,7 +6,8 @@ left running by a killed worker are failed when a search resumes (they do not co
 the budget and are proposed again) while other workers' live trials are left alone.
 
 The study remembers what it searches (user attribute ``ordersearch``: searcher, space,
-objective, bank fingerprint); resuming it with different settings is refused.
+objective, bank digest, data digest, engine dtype and norm); resuming it with anything that
+changes a score different is refused in one line naming the difference.
 """
 
 from __future__ import annotations
@@ -29,7 +30,16 @@ log = logging.getLogger("ordersearch")
 #: Study user attribute holding what the study searches.
 STUDY_META = "ordersearch"
 
-_CHECKED = ("searcher", "space", "objective", "fingerprint")
+#: What a resume must match (each changes the scores), and how a difference is named.
+_CHECKED = {
+    "searcher": "another searcher",
+    "space": "another order space",
+    "objective": "another objective",
+    "fingerprint": "another bank (block weights)",
+    "bank_digest": "another bank (weights or data config)",
+    "data_digest": "other data (images, labels or split)",
+    "engine": "other engine settings",
+}
 
 
 def sqlite_url(path: Any) -> str:
@@ -90,11 +100,17 @@ def open_study(
     if old is None:
         study.set_user_attr(STUDY_META, meta)
         return study
-    for key in _CHECKED:
+    for key, what in _CHECKED.items():
+        if key not in old:
+            continue  # a study made before this key was recorded: nothing to compare
         if old.get(key) != meta.get(key):
+            was, now = old.get(key), meta.get(key)
+            if key == "data_digest":  # digests say nothing to a user: name the data instead
+                was, now = (old.get("data") or {}).get("name", was), (meta.get("data") or {}).get("name", now)
+                was, now = (f"{was} (other images, labels or split)", now) if was == now else (was, now)
             raise SearchError(
-                f"study {study.study_name!r} was made with {key} {_short(old.get(key))}, not "
-                f"{_short(meta.get(key))}; resume it with the same settings or choose another study name"
+                f"study {study.study_name!r} was made with {what}: {_short(was)}, not {_short(now)}; "
+                "resume it with the same settings, or start afresh with another --study name or --force-new"
             )
     if [d.name.lower() for d in study.directions] != list(directions):
         raise SearchError(f"study {study.study_name!r} has directions {study.directions}, not {directions}")
