@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ._io import atomic_path, write_atomic
 from .errors import BankError
 from .order import Order
 
@@ -244,13 +245,9 @@ class Bank(nn.Module):
             path = path.with_suffix(path.suffix + ".safetensors") if path.suffix else path.with_suffix(".safetensors")
         path.parent.mkdir(parents=True, exist_ok=True)
         header = self.header()
-        tmp = path.with_name(path.name + ".tmp")
-        save_model(self.model, str(tmp), metadata={"ordersearch": json.dumps(header)})
-        tmp.replace(path)
-        side = path.with_name(path.name + ".json")
-        tmp = side.with_name(side.name + ".tmp")
-        tmp.write_text(json.dumps(header, indent=2) + "\n")
-        tmp.replace(side)
+        with atomic_path(path) as tmp:
+            save_model(self.model, str(tmp), metadata={"ordersearch": json.dumps(header)})
+        write_atomic(path.with_name(path.name + ".json"), json.dumps(header, indent=2) + "\n")
         self.path = str(path)
         log.info("saved bank %s (%d blocks) to %s", self.describe_source(), self.n_blocks, path)
         return path

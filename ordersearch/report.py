@@ -17,9 +17,10 @@ from typing import Any
 
 import pandas as pd
 
+from ._io import atomic_path, write_atomic
 from .order import Order
 from .search import JobResult, best_trials, order_of, pareto_trials, trials_table
-from .spec import save_order, write_atomic
+from .spec import save_order
 
 __all__ = ["report_text", "write_outputs"]
 
@@ -202,7 +203,8 @@ def _plots(result: JobResult, table: pd.DataFrame, out: Path) -> dict[str, Path]
 
 def _save(fig: Any, plt: Any, path: Path) -> Path:
     fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 

@@ -14,6 +14,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from ._io import write_atomic
 from .bank import Bank
 from .errors import OrderError, SpecError
 from .order import Order
@@ -127,26 +128,6 @@ def save_order(path: str | Path, bank: Bank | Mapping[str, Any], order: Order | 
     created = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     doc = _spec_dict(info, order, created, metadata)
     return write_atomic(path, _dumps(doc) + "\n")
-
-
-def write_atomic(path: str | Path, text: str) -> Path:
-    """Write ``text`` to ``path`` through a uniquely named temporary file in the same folder
-    (parents created), so a reader never sees half a file and concurrent writers never share
-    a temporary."""
-    import os
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
 
 
 def bank_description(bank: Bank) -> dict[str, Any]:

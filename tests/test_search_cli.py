@@ -40,6 +40,29 @@ def test_search_writes_its_files_and_resumes(tmp_path, capsys):
     assert len(again) == 10 and list(again["order"][:8]) == list(trials["order"])
 
 
+def test_every_output_file_is_written_atomically(tmp_path, monkeypatch):
+    import os
+
+    moved: list[tuple[str, str]] = []
+    replace = os.replace
+
+    def recording(src, dst):
+        moved.append((str(src), str(dst)))
+        return replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", recording)
+    out = tmp_path / "run"
+    assert main(["search", *COMMON, "--searcher", "random", "--trials", "3", "--finalists", "2",
+                 "--out", str(out)]) == 0
+    written = {p.name for p in out.iterdir() if not p.name.startswith("study.db")}
+    assert written >= {"best_order.json", "trials.csv", "report.md", "config.json", "score_over_trials.png"}
+    arrived = {os.path.basename(dst) for src, dst in moved if os.path.dirname(src) == str(out)}
+    assert written <= arrived, written - arrived
+    temporaries = [src for src, _ in moved]
+    assert len(set(temporaries)) == len(temporaries)  # a unique temporary per write
+    assert not [p for p in out.iterdir() if ".tmp" in p.name]
+
+
 @pytest.mark.parametrize("change, named", [
     (["--data", "digits:rotate=45"], "other data (images, labels or split): 'digits:rotate=30[search]"),
     (["--seed", "1"], "other data (images, labels or split)"),

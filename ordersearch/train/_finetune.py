@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._io import atomic_path, write_atomic
 from ..adapters import bank_from_model
 from ..bank import Bank
 from ..build import OrderedModel, build_model
@@ -213,7 +214,7 @@ def finetune_from_config(config: TrainConfig, *, out: str | Path, progress: Any 
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(config.resolved(), indent=2) + "\n")
+    write_atomic(out / "config.json", json.dumps(config.resolved(), indent=2) + "\n")
     spec = load_order(config.warm_start)
     bank = spec.load_bank()
     orders, metrics, files, snaps = {}, {}, {}, []
@@ -236,7 +237,8 @@ def finetune_from_config(config: TrainConfig, *, out: str | Path, progress: Any 
     names = list(orders)
     if len({s.shape for s in snaps}) == 1:
         weights = np.stack(snaps, axis=1)  # (E+1, T, L, choices)
-        np.savez(out / "mixing.npz", weights=weights, tasks=np.asarray(names), n_blocks=bank.n_blocks)
+        with atomic_path(out / "mixing.npz") as tmp:
+            np.savez(tmp, weights=weights, tasks=np.asarray(names), n_blocks=bank.n_blocks)
         files["heatmaps"] = plot_mixing(weights[-1], names, bank.n_blocks, out / "mixing_final.png",
                                         orders=[orders[n] for n in names])
         files["strip"] = plot_mixing_strip(weights, names, bank.n_blocks, out / "mixing_strip.png")
@@ -246,7 +248,7 @@ def finetune_from_config(config: TrainConfig, *, out: str | Path, progress: Any 
     for name, m in metrics.items():
         lines.append(f"| {name} | `{m['start_order']}` | `{m['order']}` | {100 * m['soft_test_accuracy']:.1f} | "
                      f"{100 * m['hardened_test_accuracy']:.1f} | {m['top_weight']:.3f} |")
-    (out / "report.md").write_text("\n".join(lines) + "\n")
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_atomic(out / "report.md", "\n".join(lines) + "\n")
+    write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     files.update(report=out / "report.md", metrics=out / "metrics.json", config=out / "config.json")
     return TrainResult(config=config, out=out, bank=bank, orders=orders, metrics=metrics, history=[], files=files)

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._io import atomic_path, write_atomic
 from ..adapters.compositional import CompositionalConfig, CompositionalNet, PositionalBatchNorm2d
 from ..bank import Bank
 from ..errors import OrderSearchError
@@ -254,9 +255,8 @@ class _Run:
             "transition": self.transition,
             "hard": [None if o is None else o.to_list() for o in self.model.hard],
         }
-        tmp = self.checkpoint_path.with_suffix(".pt.tmp")
-        torch.save(state, tmp)
-        tmp.replace(self.checkpoint_path)
+        with atomic_path(self.checkpoint_path) as tmp:
+            torch.save(state, tmp)
 
     def _load_checkpoint(self) -> bool:
         if not self.checkpoint_path.exists():
@@ -285,7 +285,7 @@ class _Run:
         start = time.perf_counter()
         c = self.config
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "config.json").write_text(json.dumps(c.resolved(), indent=2) + "\n")
+        write_atomic(self.out / "config.json", json.dumps(c.resolved(), indent=2) + "\n")
         self._setup()
         if not (resume and self._load_checkpoint()) and self.checkpoint_path.exists():
             self.checkpoint_path.unlink()

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from .._io import atomic_path, write_atomic
 from ..adapters import bank_from_model, load_bank
 from ..order import Order
 from ..spec import save_order
@@ -63,15 +64,16 @@ def write_outputs(run: _Run) -> TrainResult:
         )
 
     weights = torch.stack(run.snapshots).numpy()  # (E+1, T, L, choices)
-    np.savez(out / "mixing.npz", weights=weights, temperatures=np.asarray(run.temps),
-             epochs=np.arange(len(run.snapshots)), tasks=np.asarray(names), n_blocks=c.n_blocks, skip=c.skip)
+    with atomic_path(out / "mixing.npz") as tmp:
+        np.savez(tmp, weights=weights, temperatures=np.asarray(run.temps),
+                 epochs=np.arange(len(run.snapshots)), tasks=np.asarray(names), n_blocks=c.n_blocks, skip=c.skip)
     files["mixing"] = out / "mixing.npz"
     files["heatmaps"] = plot_mixing(weights[-1], names, c.n_blocks, out / "mixing_final.png",
                                     orders=[orders[n] for n in names])
     files["strip"] = plot_mixing_strip(weights, names, c.n_blocks, out / "mixing_strip.png", temps=run.temps)
-    (out / "history.json").write_text(json.dumps(run.history, indent=2) + "\n")
+    write_atomic(out / "history.json", json.dumps(run.history, indent=2) + "\n")
     files["history"] = out / "history.json"
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_atomic(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     files["metrics"] = out / "metrics.json"
     files["config"] = out / "config.json"
     files["report"] = _write_report(run, bank, metrics, out / "report.md")
@@ -112,7 +114,8 @@ def plot_mixing(weights: np.ndarray, names: Sequence[str], n_blocks: int, path: 
         title = names[t] if orders is None else f"{names[t]}\n{orders[t]}"
         ax.set_title(title, fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=120)
     plt.close(fig)
     return path
 
@@ -141,7 +144,8 @@ def plot_mixing_strip(weights: np.ndarray, names: Sequence[str], n_blocks: int, 
                 ax.set_ylabel(names[t], fontsize=7)
     fig.suptitle("mixing weights over training (rows: tasks; each cell: position x block)", fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
     plt.close(fig)
     return path
 
@@ -204,5 +208,4 @@ def _write_report(run: _Run, bank: Any, metrics: dict[str, dict[str, Any]], path
               "Files: `bank.safetensors`, `orders/<task>.json`, `mixing.npz` (weights over training, "
               "shape epochs+1 × tasks × positions × choices), `mixing_final.png`, `mixing_strip.png`, "
               "`history.json`, `metrics.json`, `config.json`.", ""]
-    path.write_text("\n".join(lines))
-    return path
+    return write_atomic(path, "\n".join(lines))
