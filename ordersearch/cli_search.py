@@ -167,13 +167,17 @@ def _run(args: argparse.Namespace) -> int:
     import optuna
 
     from . import data as osdata
-    from .engine import EngineConfig
+    from .engine import EngineConfig, get_objective, list_objectives
     from .order import Order
     from .report import write_outputs
     from .search import SearchError, SearchJob, SelectionConfig, sqlite_url
     from .space import OrderSpace
 
     cfg = _config(args)
+    if cfg.command == "adapt" and get_objective(cfg.objective).needs_labels:
+        raise SearchError(f"adapt uses no labels, but objective {cfg.objective!r} needs them: use "
+                          f"`ordersearch search` for a labelled dataset, or an unlabelled objective "
+                          f"({', '.join(n for n in list_objectives() if n != 'ensemble' and not get_objective(n).needs_labels)})")
     if cfg.trials < 1 or cfg.batch_size < 1:
         raise SearchError("--trials and --batch-size must be >= 1")
     if cfg.cache_mb < 0:
@@ -266,6 +270,8 @@ def _export(args: argparse.Namespace) -> int:
     if args.top < 1:
         raise SearchError("--top must be >= 1")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if args.storage.startswith("sqlite:///") and not Path(args.storage.removeprefix("sqlite:///")).is_file():
+        raise SearchError(f"no study database at {args.storage.removeprefix('sqlite:///')}")  # not an empty new one
     storage = make_storage(args.storage)
     try:
         study = optuna.load_study(study_name=args.study, storage=storage)

@@ -37,7 +37,7 @@ from .engine import EngineConfig
 from .errors import BankError
 from .isoresnet import IsoResNet, parse_isoresnet_source
 from .report import write_outputs
-from .search import JobResult, SearchJob, sqlite_url
+from .search import JobResult, SearchError, SearchJob, sqlite_url
 from .space import OrderSpace
 from .spec import write_atomic
 from .train import FitConfig, accuracy, fit_classifier
@@ -78,6 +78,11 @@ class DemoConfig:
     max_len: int = 8
     max_repeats: int = 2
     seed: int = 0
+
+    def __post_init__(self) -> None:  # before the minutes of training, not after
+        for name in ("epochs", "trials", "batch_size", "max_len", "max_repeats"):
+            if getattr(self, name) < 1:
+                raise SearchError(f"demo {name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
 
 
 @dataclass

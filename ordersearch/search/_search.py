@@ -99,6 +99,8 @@ def search(
     searcher = get_searcher(searcher, **(searcher_options or {}))
     if n_trials < 1 or batch_size < 1:
         raise SearchError(f"n_trials and batch_size must be >= 1, got {n_trials} and {batch_size}")
+    if timeout is not None and not timeout > 0:
+        raise SearchError(f"timeout must be a positive number of seconds, got {timeout}")
     if space is None:  # permutations with skips, widened to hold the bank's source orders
         space = OrderSpace.covering(bank.n_blocks, list(getattr(bank, "source_orders", {}).values()))
     if space.n_blocks != bank.n_blocks:

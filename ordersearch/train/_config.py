@@ -251,13 +251,23 @@ def load_train_config(
         path = Path(path)
         if not path.is_file():
             raise OrderSearchError(f"training config {path} does not exist")
-        text = path.read_text()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise OrderSearchError(f"training config {path} is not text (byte {exc.start} is not UTF-8)") from None
         if path.suffix in (".yaml", ".yml"):
             import yaml
 
-            base = yaml.safe_load(text) or {}
+            try:
+                base = yaml.safe_load(text) or {}
+            except yaml.YAMLError as exc:
+                raise OrderSearchError(f"training config {path} is not valid YAML ({_first_line(exc)})") from None
         else:
-            base = json.loads(text)
+            try:
+                base = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise OrderSearchError(f"training config {path} is not valid JSON (line {exc.lineno}, column "
+                                       f"{exc.colno}); .yaml and .yml files are read as YAML") from None
         if not isinstance(base, dict):
             raise OrderSearchError(f"{path}: expected a mapping of settings")
     config = TrainConfig.from_dict(base) if base else TrainConfig()
@@ -314,3 +324,7 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
     except (TypeError, ValueError):
         raise OrderSearchError(f"setting {key}: {value!r} is not a valid {getattr(base, '__name__', base)}") from None
     return value
+
+
+def _first_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())[:160]
