@@ -99,3 +99,26 @@ def test_a_worker_that_died_leaves_its_trials_to_others(tmp_path):
     states = {t.number: t.state for t in result.study.get_trials()}
     assert states[dead.number] == optuna.trial.TrialState.FAIL
     assert sum(counts_toward_budget(t) for t in result.study.get_trials()) == 5
+
+
+def test_a_server_that_never_answers_fails_in_one_line_within_15_s():
+    """A PostgreSQL URL whose server accepts the connection but never answers (a hung server,
+    a wrong port behind a proxy) fails within the connect timeout instead of hanging."""
+    import socket
+    import threading
+    import time
+
+    from ordersearch.search import SearchError, make_storage
+
+    pytest.importorskip("psycopg")
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(8)
+    held = []
+    threading.Thread(target=lambda: held.append(server.accept()), daemon=True).start()
+    port = server.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(SearchError, match="cannot open storage") as info:
+        make_storage(f"postgresql+psycopg://u:p@127.0.0.1:{port}/db")
+    assert time.monotonic() - start < 15 and "\n" not in str(info.value) and ":p@" not in str(info.value)
+    server.close()

@@ -31,6 +31,9 @@ log = logging.getLogger("ordersearch")
 STUDY_META = "ordersearch"
 
 #: What a resume must match (each changes the scores), and how a difference is named.
+#: Seconds a PostgreSQL connection may take to be established.
+CONNECT_TIMEOUT = 10
+
 _CHECKED = {
     "searcher": "another searcher",
     "space": "another order space",
@@ -56,6 +59,10 @@ def make_storage(
     if not isinstance(storage, str) or "://" not in storage:
         raise SearchError(f"storage must be an Optuna storage URL such as sqlite:///study.db, got {storage!r}")
     kwargs: dict[str, Any] = {}
+    if storage.startswith("postgresql"):
+        # a server that accepts connections but never answers must not hang a worker: libpq's
+        # connect_timeout bounds the whole handshake
+        kwargs = {"connect_args": {"connect_timeout": CONNECT_TIMEOUT}, "pool_pre_ping": True}
     if storage.startswith("sqlite"):
         kwargs = {"connect_args": {"timeout": 120}}  # several worker processes share one file
         path = storage.split(":///", 1)[1] if ":///" in storage else ""
