@@ -161,7 +161,7 @@ def check_resume(factory: SearcherFactory, problem: Problem, tmp_path: Path, *, 
 
     study = optuna.load_study(study_name="s", storage=storage)
     before = {t.number: (t.user_attrs["order"], t.values) for t in _counted(study)}
-    interrupted = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL and t.user_attrs.get("interrupted")]
+    interrupted = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.FAIL and t.user_attrs.get("lost")]
     assert before, "nothing finished before the interruption"
     assert interrupted, "the interrupted batch was not recorded as failed"
     result = problem.run(factory, n_trials=n_trials, batch_size=batch_size, seed=3, storage=storage, study_name="s")

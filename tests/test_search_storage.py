@@ -122,3 +122,90 @@ def test_a_server_that_never_answers_fails_in_one_line_within_15_s():
         make_storage(f"postgresql+psycopg://u:p@127.0.0.1:{port}/db")
     assert time.monotonic() - start < 15 and "\n" not in str(info.value) and ":p@" not in str(info.value)
     server.close()
+
+
+KILLED = """
+import sys, time, torch, optuna
+torch.set_num_threads(1)
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+from ordersearch.testing import make_problem
+p = make_problem(60)
+engine = p.engine()
+evaluate = engine.evaluate
+def slow(*a, **k):  # slow enough to be killed mid-batch
+    time.sleep(0.4)
+    return evaluate(*a, **k)
+engine.evaluate = slow
+p.run(lambda: sys.argv[3], n_trials=int(sys.argv[2]), batch_size=4, storage=sys.argv[1], study_name="k",
+      seed=0, engine=engine)
+"""
+
+
+@pytest.mark.parametrize("searcher", ["evolution", "tpe"])
+def test_rerun_after_sigkill_completes_the_budget_at_once(tmp_path, searcher):
+    """SIGKILL a search mid-batch and run it again at once: the dead worker's trials (its
+    process is gone) are reclaimed at once, the budget is met exactly, finished trials kept."""
+    import signal
+    import time
+
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    n = 14
+    proc = subprocess.Popen([sys.executable, "-c", KILLED, url, str(n), searcher],
+                            env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    study = None
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        try:
+            study = optuna.load_study(study_name="k", storage=url)
+        except KeyError:
+            continue
+        states = [t.state for t in study.get_trials(deepcopy=False)]
+        if states.count(optuna.trial.TrialState.COMPLETE) >= 5 and optuna.trial.TrialState.RUNNING in states:
+            break
+    assert proc.poll() is None, proc.stderr.read()[-2000:]
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    before = {t.number: (t.user_attrs["order"], t.values) for t in study.get_trials()
+              if t.state == optuna.trial.TrialState.COMPLETE}
+    assert any(t.state == optuna.trial.TrialState.RUNNING for t in study.get_trials())
+    result = make_problem(60).run(lambda: searcher, n_trials=n, batch_size=4, storage=url, study_name="k", seed=0)
+    trials = result.study.get_trials()
+    assert sum(counts_toward_budget(t) for t in trials) == n
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    lost = [t for t in trials if t.state == optuna.trial.TrialState.FAIL]
+    assert lost and all("is gone" in t.user_attrs.get("lost", "") for t in lost)
+    after = {t.number: (t.user_attrs["order"], t.values) for t in trials if t.number in before}
+    assert after == before  # no finished trial lost or changed
+
+
+def test_sigint_fails_the_trials_in_flight_and_exits_130(tmp_path):
+    """SIGINT fails every trial the worker holds (asked but not scored) with the reason, and
+    the CLI exits 130."""
+    import signal
+    import time
+
+    out = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ordersearch", "search", "--bank", "isoresnet:width=8,blocks=4,classes=10",
+         "--data", "digits", "--n-images", "200", "--searcher", "tpe", "--trials", "400", "--batch-size", "8",
+         "--no-progress", "--out", str(out)],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
+    url = f"sqlite:///{out / 'study.db'}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        try:
+            if len(optuna.load_study(study_name="search-probe-tpe", storage=url).get_trials(deepcopy=False)) >= 20:
+                break
+        except (KeyError, Exception):
+            continue
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == "ordersearch: interrupted"
+    trials = optuna.load_study(study_name="search-probe-tpe", storage=url).get_trials()
+    assert not [t for t in trials if t.state == optuna.trial.TrialState.RUNNING]
+    for t in trials:
+        if t.state == optuna.trial.TrialState.FAIL:
+            assert t.user_attrs.get("lost") == "interrupted (SIGINT)" or "failed" in t.user_attrs

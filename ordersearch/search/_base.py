@@ -24,6 +24,7 @@ from ..errors import SearchError
 from ..order import Order
 from ..space import OrderSpace
 from ._encoding import OrderEncoding, is_live, order_of
+from ._lease import Leases
 
 __all__ = [
     "SearchContext",
@@ -48,6 +49,7 @@ class SearchContext:
         bank: The bank searched.
         seed: Seed of the run (None: nondeterministic).
         study: The Optuna study (set once the study is opened).
+        leases: This worker's trial leases (see :mod:`._lease`), set with the study.
     """
 
     space: OrderSpace
@@ -56,6 +58,16 @@ class SearchContext:
     bank: Any
     seed: int | None = None
     study: optuna.Study | None = None
+    leases: Leases | None = None
+
+    def ask(self) -> optuna.Trial:
+        """``study.ask()``, leased to this worker from this moment (searchers ask through
+        this, so a trial never sits RUNNING without a lease)."""
+        assert self.study is not None
+        trial = self.study.ask()
+        if self.leases is not None:
+            self.leases.take(trial)
+        return trial
     _salt: int = field(default_factory=lambda: random.SystemRandom().randrange(2**31), repr=False)
 
     # --- reading the study ----------------------------------------------------------------
@@ -104,12 +116,12 @@ class SearchContext:
         params = self.encoding.params(order)
         user_attrs = {"order": str(order), **attrs}
         if params is None:
-            trial = self.study.ask()
+            trial = self.ask()
             for k, v in user_attrs.items():
                 trial.set_user_attr(k, v)
             return trial, order
         self.study.enqueue_trial(params, user_attrs=user_attrs)
-        trial = self.study.ask()
+        trial = self.ask()
         # Enqueued parameters are fixed: suggesting records them and decodes to the order.
         return trial, self.encoding.suggest(trial)
 
@@ -176,7 +188,7 @@ class SamplerSearcher(Searcher):
         assert ctx.study is not None
         out = []
         for _ in range(n):
-            trial = ctx.study.ask()
+            trial = ctx.ask()
             out.append((trial, ctx.encoding.suggest(trial)))
         return out
 

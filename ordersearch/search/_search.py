@@ -24,6 +24,7 @@ from ..space import OrderSpace
 from ..spec import bank_description
 from ._base import SearchContext, Searcher, SearchError, get_searcher
 from ._encoding import OrderEncoding, is_live
+from ._lease import Leases, reclaim
 from ._result import SearchResult, best_trials, trials_table
 from ._study import counts_toward_budget, fail_stale, make_storage, open_study
 
@@ -125,6 +126,7 @@ def search(
     ctx.study = open_study(make_storage(storage), study_name, sampler=searcher.make_sampler(ctx),
                         pruner=pruner, directions=searcher.directions, meta=meta)
     fail_stale(ctx.study)
+    ctx.leases = Leases(ctx.study)
     start = time.perf_counter()
     stats0 = _stats(engine)
     with warnings.catch_warnings():
@@ -140,6 +142,8 @@ def _loop(ctx: SearchContext, searcher: Searcher, rungs: list[int], callbacks: l
     obj_name = engine.objective.name
     bar = _bar(progress, n_trials, searcher.name)
     run = _Run(ctx, searcher, rungs, callbacks, bar)
+    assert ctx.leases is not None
+    stopped = "worker stopped"
     try:
         if not any(t.user_attrs.get("baseline") and is_live(t) for t in study.get_trials(deepcopy=False)):
             run.batch([ctx.ask_order(bank.identity, baseline=True)])
@@ -149,6 +153,9 @@ def _loop(ctx: SearchContext, searcher: Searcher, rungs: list[int], callbacks: l
                 log.info("search stopped by its time limit after %.0f s", time.perf_counter() - start)
                 break
             trials = study.get_trials(deepcopy=False)
+            if reclaim(study, trials):  # trials of gone workers: failed, not counted
+                trials = study.get_trials(deepcopy=False)
+            # other workers' live trials count: together the workers stop at the budget
             used = sum(counts_toward_budget(t) or t.state == TrialState.RUNNING for t in trials)
             if bar is not None:
                 bar.n = min(sum(counts_toward_budget(t) for t in trials), n_trials)
@@ -161,14 +168,25 @@ def _loop(ctx: SearchContext, searcher: Searcher, rungs: list[int], callbacks: l
                 log.info("searcher %s has nothing left to propose", searcher.name)
                 break
             run.batch(items)
+    except KeyboardInterrupt:
+        stopped = "interrupted (SIGINT)"
+        raise
+    except BaseException as exc:
+        stopped = f"worker stopped: {type(exc).__name__}: {str(exc)[:200]}"
+        raise
     finally:
         if bar is not None:
             bar.close()
+        # trials asked but never told (mid-batch, or asked by the searcher before a batch)
+        n = ctx.leases.close(stopped)
+        if n:
+            log.warning("%d trials in flight were failed (%s); they will be proposed again", n, stopped)
     return _result(study, searcher, obj_name, _diff(stats0, _stats(engine)))
 
 
 class _Run:
-    """Scores batches and tells the study; fails in-flight trials if interrupted."""
+    """Scores batches and tells the study (in-flight trials of an interrupted batch are
+    failed by the leases, see :mod:`._lease`)."""
 
     def __init__(self, ctx: SearchContext, searcher: Searcher, rungs: list[int], callbacks: list, bar: Any) -> None:
         self.ctx, self.searcher, self.rungs, self.callbacks, self.bar = ctx, searcher, rungs, callbacks, bar
@@ -177,24 +195,12 @@ class _Run:
     def batch(self, items: list[tuple[optuna.Trial, Order]]) -> None:
         study = self.ctx.study
         assert study is not None
-        told: set[int] = set()
-        try:
-            _beat(study, [t for t, _ in items])
-            scores, pruned = self._evaluate(items)
-            for (trial, order), score, was_pruned in zip(items, scores, pruned):
-                frozen = self._tell(trial, order, score, was_pruned)
-                told.add(trial.number)
-                for cb in self.callbacks:
-                    cb(study, frozen)
-        except BaseException:
-            for trial, _ in items:
-                if trial.number not in told:
-                    try:
-                        trial.set_user_attr("interrupted", True)
-                        study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
-                    except Exception:  # the storage itself may be what failed
-                        log.debug("could not mark trial %d as interrupted", trial.number)
-            raise
+        _beat(study, [t for t, _ in items])
+        scores, pruned = self._evaluate(items)
+        for (trial, order), score, was_pruned in zip(items, scores, pruned):
+            frozen = self._tell(trial, order, score, was_pruned)
+            for cb in self.callbacks:
+                cb(study, frozen)
 
     def _evaluate(self, items: list[tuple[optuna.Trial, Order]]) -> tuple[list[Any], list[bool]]:
         engine = self.ctx.engine
@@ -229,6 +235,8 @@ class _Run:
         trial.set_user_attr("n_images", int(score.n_images))
         if score.metrics:
             trial.set_user_attr("metrics", {k: float(v) for k, v in score.metrics.items()})
+        assert self.ctx.leases is not None
+        self.ctx.leases.done(trial.number)
         if pruned:
             frozen = study.tell(trial, state=TrialState.PRUNED)
         elif not score.ok:

@@ -1,0 +1,166 @@
+"""Leases: which worker holds a RUNNING trial, and until when.
+
+Every trial a worker asks for carries a lease from the moment it is asked (user attribute
+``lease``: the worker's host, pid and process start time, and an expiry). A thread renews the
+leases of the trials the worker holds while it lives. Before each batch a worker reclaims
+trials whose lease lapsed, and, on its own host, trials of a worker whose process is gone (at
+once: a search run again right after a SIGKILL finds its predecessor's trials reclaimable).
+A reclaimed trial is failed with the reason in user attribute ``lost``: it does not count
+toward the budget and its order may be proposed again (see ``is_live``). A worker stopping
+for any reason (SIGINT, an exception) fails the trials it still holds the same way.
+
+Optuna's RDB heartbeat does not serve here: it starts with the first heartbeat, which an
+asked trial does not get until it is scored, and its stale check skips trials without one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+__all__ = ["LEASE_KEY", "LOST_KEY", "Leases", "reclaim"]
+
+log = logging.getLogger("ordersearch")
+
+LEASE_KEY = "lease"
+LOST_KEY = "lost"
+#: Seconds a lease lasts without renewal (a worker on another host that stopped answering
+#: loses its trials after this long).
+LEASE_SECONDS = 120.0
+#: Seconds between renewals.
+RENEW_SECONDS = 20.0
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot, Linux) or None: with the pid, it
+    names a process even after its pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(pid: int, start: str | None) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process with that pid
+        pass
+    return start is None or _start_time(pid) in (None, start)
+
+
+def _worker() -> dict[str, Any]:
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "start": _start_time(pid)}
+
+
+class Leases:
+    """The leases this worker holds in ``study``, renewed by a daemon thread."""
+
+    def __init__(self, study: optuna.Study, *, seconds: float = LEASE_SECONDS, renew: float = RENEW_SECONDS) -> None:
+        self.study, self.seconds, self.renew_every = study, seconds, renew
+        self.worker = _worker()
+        self._held: dict[int, int] = {}  # trial number -> trial id
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _lease(self) -> dict[str, Any]:
+        return {**self.worker, "expires": time.time() + self.seconds}
+
+    def take(self, trial: optuna.Trial) -> None:
+        """Lease a trial just asked for."""
+        trial.set_user_attr(LEASE_KEY, self._lease())
+        with self._lock:
+            self._held[trial.number] = trial._trial_id
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="ordersearch-leases", daemon=True)
+            self._thread.start()
+
+    def done(self, number: int) -> None:
+        """The trial was told: its lease ends with it."""
+        with self._lock:
+            self._held.pop(number, None)
+
+    def renew(self) -> None:
+        storage = self.study._storage  # the public storage API; the study holds no other handle
+        with self._lock:
+            held = dict(self._held)
+        lease = self._lease()
+        for number, trial_id in held.items():
+            try:
+                storage.set_trial_user_attr(trial_id, LEASE_KEY, lease)
+            except Exception:  # finished meanwhile (told, or reclaimed by another worker)
+                self.done(number)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.renew_every):
+            try:
+                self.renew()
+            except Exception as exc:  # a storage hiccup: the next renewal tries again
+                log.debug("lease renewal failed: %s", exc)
+
+    def close(self, reason: str) -> int:
+        """Stop renewing; fail the trials still held (never scored) with ``reason``."""
+        self._stop.set()
+        with self._lock:
+            held, self._held = sorted(self._held), {}
+        failed = 0
+        for number in held:
+            try:
+                _fail(self.study, number, reason)
+                failed += 1
+            except Exception:  # the storage itself may be what failed
+                log.debug("could not fail trial %d", number)
+        return failed
+
+
+def _fail(study: optuna.Study, number: int, reason: str) -> None:
+    study._storage.set_trial_user_attr(study._storage.get_trial_id_from_study_id_trial_number(
+        study._study_id, number), LOST_KEY, reason)
+    study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+
+
+def _why_lost(trial: FrozenTrial, me: dict[str, Any], now: float) -> str | None:
+    lease = trial.user_attrs.get(LEASE_KEY)
+    if not isinstance(lease, dict):
+        return None  # asked by something that takes no leases: Optuna's heartbeat covers it
+    who = f"worker {lease.get('host')}:{lease.get('pid')}"
+    if lease.get("host") == me["host"] and lease.get("pid") != me["pid"]:
+        if not _alive(int(lease.get("pid", -1)), lease.get("start")):
+            return f"{who} is gone"
+    if float(lease.get("expires", 0)) < now and (lease.get("host"), lease.get("pid")) != (me["host"], me["pid"]):
+        return f"{who} stopped renewing its lease"
+    return None
+
+
+def reclaim(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> int:
+    """Fail the RUNNING trials of workers that are gone or whose lease lapsed; returns how many."""
+    me, now = _worker(), time.time()
+    if trials is None:
+        trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    n = 0
+    for t in trials:
+        if t.state != TrialState.RUNNING:
+            continue
+        why = _why_lost(t, me, now)
+        if why is None:
+            continue
+        try:
+            _fail(study, t.number, f"reclaimed: {why}")
+            n += 1
+        except Exception:  # another worker reclaimed it first
+            log.debug("trial %d was reclaimed elsewhere", t.number)
+    if n:
+        log.warning("study %s: %d trials of stopped workers were failed and will be proposed again",
+                    study.study_name, n)
+    return n
