@@ -209,3 +209,30 @@ def test_sigint_fails_the_trials_in_flight_and_exits_130(tmp_path):
     for t in trials:
         if t.state == optuna.trial.TrialState.FAIL:
             assert t.user_attrs.get("lost") == "interrupted (SIGINT)" or "failed" in t.user_attrs
+
+
+SCHEMA = """
+import os, sys, time, pathlib
+from ordersearch.search import make_storage
+import optuna
+barrier, n = sys.argv[2], int(sys.argv[3])
+pathlib.Path(barrier, str(os.getpid())).touch()
+while len(os.listdir(barrier)) < n:
+    time.sleep(0.001)
+storage = make_storage(sys.argv[1])
+optuna.create_study(storage=storage, study_name="fresh", load_if_exists=True)
+print("ok")
+"""
+
+
+def test_workers_started_together_on_a_fresh_database_all_start(tmp_path):
+    """Schema creation races (SQLite: UNIQUE constraint failed: alembic_version) are retried."""
+    for round_ in range(2):
+        url = f"sqlite:///{tmp_path / f'fresh{round_}.db'}"
+        barrier = tmp_path / f"barrier{round_}"
+        barrier.mkdir()
+        procs = [subprocess.Popen([sys.executable, "-c", SCHEMA, url, str(barrier), "4"], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for _ in range(4)]
+        for p in procs:
+            out, err = p.communicate(timeout=120)
+            assert p.returncode == 0 and out.strip() == "ok", err[-1500:]

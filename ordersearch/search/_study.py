@@ -13,6 +13,8 @@ changes a score different is refused in one line naming the difference.
 from __future__ import annotations
 
 import logging
+import random
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -31,6 +33,8 @@ log = logging.getLogger("ordersearch")
 STUDY_META = "ordersearch"
 
 #: What a resume must match (each changes the scores), and how a difference is named.
+#: Tries at creating a storage whose schema other workers are creating at the same moment.
+_SCHEMA_ATTEMPTS = 6
 #: Seconds a PostgreSQL connection may take to be established.
 CONNECT_TIMEOUT = 10
 
@@ -69,15 +73,30 @@ def make_storage(
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)  # a new run folder
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return RDBStorage(storage, engine_kwargs=kwargs, heartbeat_interval=heartbeat_interval,
-                              grace_period=grace_period)
+        for attempt in range(_SCHEMA_ATTEMPTS):
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                    return RDBStorage(storage, engine_kwargs=kwargs, heartbeat_interval=heartbeat_interval,
+                                      grace_period=grace_period)
+            except Exception as exc:
+                # workers started together on a fresh database race to create its schema; the
+                # losers see a unique-constraint error, and the schema is there on a retry
+                if attempt + 1 == _SCHEMA_ATTEMPTS or not _lost_schema_race(exc):
+                    raise
+                log.debug("storage schema created by another worker meanwhile (%s); retrying", type(exc).__name__)
+                time.sleep(0.2 * (attempt + 1) + random.random() * 0.2)
+        raise AssertionError("unreachable")
     except ImportError as exc:
         raise SearchError(f"storage {storage.split('://')[0]}: a database driver is missing ({exc})") from None
     except Exception as exc:  # SQLAlchemy raises many kinds for a bad URL or an unreachable server
         raise SearchError(f"cannot open storage {_redact(storage)}: {type(exc).__name__}: "
                           f"{str(exc).splitlines()[0]}") from None
+
+
+def _lost_schema_race(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__} {exc}"
+    return any(k in text for k in ("UNIQUE constraint", "UniqueViolation", "IntegrityError", "already exists"))
 
 
 def _redact(url: str) -> str:
