@@ -102,34 +102,3 @@ def test_adapt_uses_infomax_without_labels_and_export_writes_the_top_orders(tmp_
     assert rank1["metadata"]["evidence"]["summary"] == spec["metadata"]["evidence"]["summary"]
     # the unsupervised objective is judged by the source head's accuracy on the labelled test split
     assert spec["metadata"]["evidence"]["test_interval"]["metric"] == "head"
-
-
-@pytest.mark.parametrize(
-    "argv, message",
-    [
-        (["search", *COMMON, "--searcher", "exhaustive", "--max-len", "9", "--max-repeats", "0"], "exhaustive search refuses"),
-        (["search", *COMMON, "--fidelities", "a,b"], "--fidelities must be image counts"),
-        (["search", *COMMON, "--max-repeats", "1", "--min-len", "7"], "order lengths 7..4 are empty"),
-        (["export", "--storage", "sqlite:///{tmp}/none.db", "--study", "nope"], "no study 'nope'"),
-        (["export", "--storage", "nonsense", "--study", "nope"], "storage must be an Optuna storage URL"),
-        (["search", *COMMON, "--splits", "60/40"], "give three positive train/val/test shares"),
-        (["search", *COMMON, "--finalists", "0"], "finalists must be >= 1"),
-        (["search", *COMMON, "--resamples", "10"], "needs >= 1000 resamples"),
-        (["search", *COMMON, "--cache-mb", "-5"], "--cache-mb must be 0 or more"),
-        pytest.param(["search", *COMMON, "--device", "cuda:7"], "no CUDA device",
-                     marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a GPU is present")),
-    ],
-)
-def test_bad_input_exits_2_with_one_line(argv, message, tmp_path, capsys):
-    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
-    if argv[0] != "export":
-        argv += ["--out", str(tmp_path / "run")]
-    assert main(argv) == 2
-    err = capsys.readouterr().err
-    assert message in err and err.count("\n") == 1 and "Traceback" not in err
-
-
-def test_unknown_searcher_is_an_argparse_error(capsys):
-    with pytest.raises(SystemExit) as info:
-        main(["search", "--bank", BANK, "--data", "digits", "--searcher", "annealing"])
-    assert info.value.code == 2

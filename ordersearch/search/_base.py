@@ -147,6 +147,11 @@ class Searcher(ABC):
         unused by searchers that choose their orders themselves)."""
         return optuna.samplers.RandomSampler(seed=ctx.seed)
 
+    def check(self, space: OrderSpace) -> None:
+        """Refuse (``SearchError``) a space this searcher cannot search, before the study is
+        opened or anything runs."""
+        return None
+
     def prepare(self, ctx: SearchContext) -> None:
         """Called once the study is open, before the first :meth:`ask` of this run."""
         return None

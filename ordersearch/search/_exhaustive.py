@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import optuna
 
 from ..order import Order
+from ..space import OrderSpace
 from ._base import SearchContext, Searcher, SearchError, register_searcher
 
 __all__ = ["ExhaustiveSearcher"]
@@ -27,8 +28,8 @@ class ExhaustiveSearcher(Searcher):
     name = "exhaustive"
     limit: int = 20_000
 
-    def prepare(self, ctx: SearchContext) -> None:
-        size = ctx.space.size()
+    def check(self, space: OrderSpace) -> None:
+        size = space.size()
         if size > self.limit:
             raise SearchError(
                 f"exhaustive search refuses this space: it holds {size:,} orders, more than the limit "

@@ -106,6 +106,7 @@ def search(
         space = OrderSpace.covering(bank.n_blocks, list(getattr(bank, "source_orders", {}).values()))
     if space.n_blocks != bank.n_blocks:
         raise SearchError(f"the order space has {space.n_blocks} blocks but the bank has {bank.n_blocks}")
+    searcher.check(space)
     if engine is None or isinstance(engine, EngineConfig):
         engine = (engine or EngineConfig()).build(bank, evalset, objective if objective is not None else "probe")
     rungs, pruner = _fidelities(engine, searcher, fidelities, pruner)
