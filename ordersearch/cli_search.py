@@ -21,14 +21,16 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from .engine import DEFAULT_LABELLED, DEFAULT_UNLABELLED
+
 __all__ = ["RunConfig", "add_bank_options", "add_commands", "bank_from_args"]
 
 log = logging.getLogger("ordersearch")
 
 _DEFAULTS = {
-    "search": {"objective": "probe", "searcher": "tpe", "norm": "source",
+    "search": {"objective": DEFAULT_LABELLED, "searcher": "tpe", "norm": "source",
                "help": "search an order of a bank's blocks for a new labelled dataset"},
-    "adapt": {"objective": "infomax", "searcher": "evolution", "norm": "target",
+    "adapt": {"objective": DEFAULT_UNLABELLED, "searcher": "evolution", "norm": "target",
               "help": "adapt a bank to an unlabelled target domain by reordering its blocks"},
 }
 

@@ -33,7 +33,7 @@ from . import data as osdata
 from .adapters import bank_from_model, load_bank, read_bank_header
 from .adapters.isoresnet import data_config as isoresnet_data_config
 from .bank import Bank
-from .engine import EngineConfig
+from .engine import DEFAULT_LABELLED, DEFAULT_UNLABELLED, EngineConfig
 from .errors import BankError
 from .isoresnet import IsoResNet, parse_isoresnet_source
 from .report import write_outputs
@@ -163,8 +163,8 @@ def run_demo(config: DemoConfig = DemoConfig(), out: str | Path = "runs/demo", *
     storage = sqlite_url(out / "study.db")
     parts: dict[str, JobResult] = {}
     files: dict[str, Path] = {}
-    for name, data_spec, objective, norm in (("search", config.task, "probe", "source"),
-                                              ("adapt", config.target, "infomax", "target")):
+    for name, data_spec, objective, norm in (("search", config.task, DEFAULT_LABELLED, "source"),
+                                              ("adapt", config.target, DEFAULT_UNLABELLED, "target")):
         callbacks = []
         if progress is not None:
             def report(study: Any, trial: Any, name: str = name, data_spec: str = data_spec,

@@ -15,6 +15,8 @@ from ._trie import count_distinct_prefixes
 from ._types import EngineStats, Score
 from ._unsupervised import BNM, SND
 from .objectives import (
+    DEFAULT_LABELLED,
+    DEFAULT_UNLABELLED,
     Entropy,
     Head,
     Infomax,
@@ -26,6 +28,8 @@ from .objectives import (
 )
 
 __all__ = [
+    "DEFAULT_LABELLED",
+    "DEFAULT_UNLABELLED",
     "BNM",
     "Ensemble",
     "Knn",

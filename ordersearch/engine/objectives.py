@@ -42,6 +42,8 @@ from ..errors import ObjectiveError
 from ..evalset import EvalSet
 
 __all__ = [
+    "DEFAULT_LABELLED",
+    "DEFAULT_UNLABELLED",
     "Entropy",
     "Head",
     "Infomax",
@@ -402,6 +404,14 @@ class Infomax(Objective):
             out.append(marg - self.weight * ent[rows].mean(1))
         return torch.cat(out)
 
+
+# --- defaults -------------------------------------------------------------------------
+
+#: Objective of ``search`` (a labelled dataset) unless the user names one: the labelled
+#: objective with the lowest median top-1 regret in ``benchmarks/objectives.py``.
+DEFAULT_LABELLED = "probe"
+#: Objective of ``adapt`` (an unlabelled target domain), chosen the same way.
+DEFAULT_UNLABELLED = "infomax"
 
 # --- registry -------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ import torch
 from optuna.trial import FrozenTrial, TrialState
 
 from ..data import Data, stratified_split
-from ..engine import EngineConfig, get_objective
+from ..engine import DEFAULT_LABELLED, EngineConfig, get_objective
 from ..errors import DataError
 from ..evalset import EvalSet
 from ..order import Order
@@ -362,7 +362,7 @@ class SearchJob:
 
     bank: Any
     data: Data | Splits
-    objective: Any = "probe"
+    objective: Any = DEFAULT_LABELLED
     searcher: str | Searcher = "tpe"
     searcher_options: Mapping[str, Any] = field(default_factory=dict)
     space: OrderSpace | None = None
