@@ -5,7 +5,7 @@ The CLI turns :class:`OrderSearchError` into exit code 2 and prints only its mes
 
 from __future__ import annotations
 
-__all__ = ["OrderSearchError", "OrderError", "BankError", "SpecError", "DataError", "ObjectiveError", "SearchError"]
+__all__ = ["one_line", "OrderSearchError", "OrderError", "BankError", "SpecError", "DataError", "ObjectiveError", "SearchError"]
 
 
 class OrderSearchError(ValueError):
@@ -35,3 +35,10 @@ class SearchError(OrderSearchError):
 class ObjectiveError(OrderSearchError):
     """An objective is unknown, misconfigured (bad options, an ensemble that cannot be
     formed) or cannot score the data it was given."""
+
+
+def one_line(exc: BaseException, limit: int = 200) -> str:
+    """A library's exception message fit for one line of an error: whitespace (newlines
+    included) collapsed, cut at ``limit`` characters; the type's name if it has no message."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

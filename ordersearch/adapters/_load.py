@@ -17,7 +17,7 @@ import torch
 
 from .._registry import parse_options
 from ..bank import BANK_FORMAT, BANK_FORMAT_VERSION, Bank
-from ..errors import BankError
+from ..errors import BankError, one_line
 from ._registry import bank_from_model
 
 __all__ = ["load_bank", "build_source_model", "parse_model_args", "register_source"]
@@ -167,7 +167,7 @@ def _build(source: str, *, pretrained: bool, checkpoint: str | Path | None, **mo
             if checkpoint is not None and "weights_only" in str(exc):  # timm re-raises torch's refusal
                 raise BankError(_refused(checkpoint)) from None
             what = "pretrained weights" if pretrained else "the model"
-            raise BankError(f"timm could not create {name} with {what}: {_one_line(exc)}") from None
+            raise BankError(f"timm could not create {name} with {what}: {one_line(exc)}") from None
     if scheme in _SOURCES:
         if pretrained:
             raise BankError(f"{scheme} has no pretrained weights; pass checkpoint= or train one")
@@ -198,10 +198,6 @@ def _quiet_unpickler() -> Iterator[None]:
         yield
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
-
 
 def _load_weights(model: torch.nn.Module, path: Path) -> None:
     if not path.is_file():
@@ -224,7 +220,7 @@ def _load_weights(model: torch.nn.Module, path: Path) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as exc:
-        raise BankError(f"checkpoint {path} does not fit the model: {_one_line(exc)}") from None
+        raise BankError(f"checkpoint {path} does not fit the model: {one_line(exc)}") from None
 
 
 def read_bank_header(path: Path) -> dict[str, Any]:
@@ -237,7 +233,7 @@ def read_bank_header(path: Path) -> dict[str, Any]:
     except FileNotFoundError:
         raise BankError(f"bank file {path} does not exist") from None
     except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise BankError(f"{path} is not a readable safetensors bank ({_one_line(exc)})") from None
+        raise BankError(f"{path} is not a readable safetensors bank ({one_line(exc)})") from None
     if "ordersearch" not in meta:
         raise BankError(f"{path} is a safetensors file but not an ordersearch bank (no header)")
     try:
@@ -273,7 +269,7 @@ def _load_saved(path: Path, *, data_config: dict[str, Any] | None, verify: bool)
     try:
         load_model(model, str(path), strict=True)
     except RuntimeError as exc:
-        raise BankError(f"{path}: weights do not fit {header['source']}: {_one_line(exc)}") from None
+        raise BankError(f"{path}: weights do not fit {header['source']}: {one_line(exc)}") from None
     config = dict(header.get("data_config") or {})
     config.update(data_config or {})
     bank = bank_from_model(

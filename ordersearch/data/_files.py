@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import DataError
+from ..errors import DataError, one_line
 from ._prep import Config, resize, to_channels
 
 __all__ = ["Source", "load_folder", "load_tensor_file", "SPLITS"]
@@ -108,13 +108,13 @@ def _read_image_folder(root: Path, transform: Any, cfg: Config) -> tuple[torch.T
     try:
         ds = ImageFolder(str(root), transform=transform)
     except (FileNotFoundError, RuntimeError) as e:
-        raise DataError(f"image folder {root}: {_first_line(e)} (expected {root}/<class>/<image>.png)") from None
+        raise DataError(f"image folder {root}: {one_line(e)} (expected {root}/<class>/<image>.png)") from None
     images = []
     for i, (file, _) in enumerate(ds.samples):
         try:
             img, _ = ds[i]
         except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for broken files
-            raise DataError(f"cannot read image {file}: {_first_line(e)}") from None
+            raise DataError(f"cannot read image {file}: {one_line(e)}") from None
         images.append(to_channels(img.unsqueeze(0), cfg.channels, what=f"images in {root}"))
     x = torch.cat(images)  # (N, C, H, W)
     y = torch.tensor(ds.targets, dtype=torch.long)
@@ -167,7 +167,7 @@ def _read_arrays(path: Path) -> dict[str, Any]:
                 return {k: f[k] for k in f.files}
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # numpy and torch raise many kinds for a bad or foreign file
-        raise DataError(f"cannot read {path}: {_first_line(e)}") from None
+        raise DataError(f"cannot read {path}: {one_line(e)}") from None
     if isinstance(obj, torch.Tensor):
         return {"x": obj}
     if not isinstance(obj, dict):
@@ -238,7 +238,3 @@ def _class_names(value: Any, path: Path) -> tuple[str, ...]:
         raise DataError(f"{path}[classes] has repeated names")
     return names
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]

@@ -23,6 +23,7 @@ import optuna
 from optuna.storages import BaseStorage, RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
+from ..errors import one_line
 from ._base import SearchError
 
 __all__ = ["STUDY_META", "counts_toward_budget", "fail_stale", "make_storage", "open_study", "sqlite_url"]
@@ -91,7 +92,7 @@ def make_storage(
         raise SearchError(f"storage {storage.split('://')[0]}: a database driver is missing ({exc})") from None
     except Exception as exc:  # SQLAlchemy raises many kinds for a bad URL or an unreachable server
         raise SearchError(f"cannot open storage {_redact(storage)}: {type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0]}") from None
+                          f"{one_line(exc)}") from None
 
 
 def _lost_schema_race(exc: BaseException) -> bool:

@@ -10,7 +10,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from ..errors import OrderSearchError
+from ..errors import OrderSearchError, one_line
 from ..order import Order
 from ._mixing import TemperatureSchedule
 
@@ -261,7 +261,7 @@ def load_train_config(
             try:
                 base = yaml.safe_load(text) or {}
             except yaml.YAMLError as exc:
-                raise OrderSearchError(f"training config {path} is not valid YAML ({_first_line(exc)})") from None
+                raise OrderSearchError(f"training config {path} is not valid YAML ({one_line(exc)})") from None
         else:
             try:
                 base = json.loads(text)
@@ -325,6 +325,3 @@ def _coerce(key: str, value: Any, hint: Any) -> Any:
         raise OrderSearchError(f"setting {key}: {value!r} is not a valid {getattr(base, '__name__', base)}") from None
     return value
 
-
-def _first_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:160]
