@@ -173,15 +173,16 @@ class Bank(nn.Module):
 
     @property
     def digest(self) -> str:
-        """sha256 over everything that changes a score: the block fingerprint, every other
-        weight and buffer (stem, head, norms) and the data config (input size, mean, std).
+        """sha256 over everything that changes a score: the adapter, every weight and buffer
+        (stem, blocks, head, norms) and the data config (input size, mean, std).
 
         Saved in the header (a bank whose header or weights were edited since is refused) and
         recorded by a study (a resume on a changed bank is refused).
         """
-        h = hashlib.sha256(self.fingerprint.encode())
+        h = hashlib.sha256(self.adapter.encode())
+        # the model holds every weight once; a bank built from parts hashes its parts
         parts = [("model.", self.model)] if isinstance(self.model, nn.Module) else [
-            ("stem.", self.stem), ("head.", self.head), ("features.", self.features)]
+            ("stem.", self.stem), ("blocks.", self.blocks), ("head.", self.head), ("features.", self.features)]
         for prefix, module in parts:
             if isinstance(module, nn.Module):
                 _hash_state(h, prefix, module)

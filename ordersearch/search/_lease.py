@@ -25,7 +25,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["LEASE_KEY", "LOST_KEY", "Leases", "reclaim"]
+__all__ = ["LEASE_KEY", "LOST_KEY", "Leases"]
 
 log = logging.getLogger("ordersearch")
 
@@ -113,54 +113,47 @@ class Leases:
         """Stop renewing; fail the trials still held (never scored) with ``reason``."""
         self._stop.set()
         with self._lock:
-            held, self._held = sorted(self._held), {}
+            held, self._held = sorted(self._held.items()), {}
         failed = 0
-        for number in held:
+        for number, trial_id in held:
             try:
-                _fail(self.study, number, reason)
+                _fail(self.study, number, trial_id, reason)
                 failed += 1
             except Exception:  # the storage itself may be what failed
                 log.debug("could not fail trial %d", number)
         return failed
 
+    def reclaim(self, trials: list[FrozenTrial]) -> int:
+        """Fail the RUNNING trials among ``trials`` of workers that are gone or whose lease
+        lapsed; returns how many."""
+        now, n = time.time(), 0
+        for t in trials:
+            why = _why_lost(t, self.worker, now) if t.state == TrialState.RUNNING else None
+            if why is None:
+                continue
+            try:
+                _fail(self.study, t.number, t._trial_id, f"reclaimed: {why}")
+                n += 1
+            except Exception:  # another worker reclaimed it first
+                log.debug("trial %d was reclaimed elsewhere", t.number)
+        if n:
+            log.warning("study %s: %d trials of stopped workers were failed and will be proposed again",
+                        self.study.study_name, n)
+        return n
 
-def _fail(study: optuna.Study, number: int, reason: str) -> None:
-    study._storage.set_trial_user_attr(study._storage.get_trial_id_from_study_id_trial_number(
-        study._study_id, number), LOST_KEY, reason)
+
+def _fail(study: optuna.Study, number: int, trial_id: int, reason: str) -> None:
+    study._storage.set_trial_user_attr(trial_id, LOST_KEY, reason)
     study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
 
 
 def _why_lost(trial: FrozenTrial, me: dict[str, Any], now: float) -> str | None:
     lease = trial.user_attrs.get(LEASE_KEY)
-    if not isinstance(lease, dict):
-        return None  # asked by something that takes no leases: Optuna's heartbeat covers it
+    if not isinstance(lease, dict) or (lease.get("host"), lease.get("pid")) == (me["host"], me["pid"]):
+        return None  # no lease (Optuna's heartbeat covers it), or this worker's own
     who = f"worker {lease.get('host')}:{lease.get('pid')}"
-    if lease.get("host") == me["host"] and lease.get("pid") != me["pid"]:
-        if not _alive(int(lease.get("pid", -1)), lease.get("start")):
-            return f"{who} is gone"
-    if float(lease.get("expires", 0)) < now and (lease.get("host"), lease.get("pid")) != (me["host"], me["pid"]):
+    if lease.get("host") == me["host"] and not _alive(int(lease.get("pid", -1)), lease.get("start")):
+        return f"{who} is gone"
+    if float(lease.get("expires", 0)) < now:
         return f"{who} stopped renewing its lease"
     return None
-
-
-def reclaim(study: optuna.Study, trials: list[FrozenTrial] | None = None) -> int:
-    """Fail the RUNNING trials of workers that are gone or whose lease lapsed; returns how many."""
-    me, now = _worker(), time.time()
-    if trials is None:
-        trials = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    n = 0
-    for t in trials:
-        if t.state != TrialState.RUNNING:
-            continue
-        why = _why_lost(t, me, now)
-        if why is None:
-            continue
-        try:
-            _fail(study, t.number, f"reclaimed: {why}")
-            n += 1
-        except Exception:  # another worker reclaimed it first
-            log.debug("trial %d was reclaimed elsewhere", t.number)
-    if n:
-        log.warning("study %s: %d trials of stopped workers were failed and will be proposed again",
-                    study.study_name, n)
-    return n

@@ -24,7 +24,7 @@ from ..space import OrderSpace
 from ..spec import bank_description
 from ._base import SearchContext, Searcher, SearchError, get_searcher
 from ._encoding import OrderEncoding, is_live
-from ._lease import Leases, reclaim
+from ._lease import Leases
 from ._result import SearchResult, best_trials, trials_table
 from ._study import counts_toward_budget, fail_stale, make_storage, open_study
 
@@ -154,7 +154,7 @@ def _loop(ctx: SearchContext, searcher: Searcher, rungs: list[int], callbacks: l
                 log.info("search stopped by its time limit after %.0f s", time.perf_counter() - start)
                 break
             trials = study.get_trials(deepcopy=False)
-            if reclaim(study, trials):  # trials of gone workers: failed, not counted
+            if ctx.leases.reclaim(trials):  # trials of gone workers: failed, not counted
                 trials = study.get_trials(deepcopy=False)
             # other workers' live trials count: together the workers stop at the budget
             used = sum(counts_toward_budget(t) or t.state == TrialState.RUNNING for t in trials)

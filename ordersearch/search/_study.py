@@ -33,12 +33,12 @@ log = logging.getLogger("ordersearch")
 #: Study user attribute holding what the study searches.
 STUDY_META = "ordersearch"
 
-#: What a resume must match (each changes the scores), and how a difference is named.
 #: Tries at creating a storage whose schema other workers are creating at the same moment.
 _SCHEMA_ATTEMPTS = 6
 #: Seconds a PostgreSQL connection may take to be established.
 CONNECT_TIMEOUT = 10
 
+#: What a resume must match (each changes the scores), and how a difference is named.
 _CHECKED = {
     "searcher": "another searcher",
     "space": "another order space",
