@@ -93,8 +93,8 @@ TIE_POINTS = 1.0
 CHEAP = 5.0
 #: Images per block forward. Larger chunks need fewer passes for target statistics, but a
 #: chunk's temporaries above the allocator's 4 MiB threshold are mapped and faulted in anew at
-#: every forward (at 2,048 a target took 2.3x as long, 40% of it in the kernel); 192 images of
-#: 16x16x16 floats stay under it.
+#: every forward, a cost that dominates on these tiny blocks; 192 images of 16x16x16 floats
+#: stay under it.
 ENGINE_BATCH = 192
 
 log = logging.getLogger("objectives")

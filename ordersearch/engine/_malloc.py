@@ -13,13 +13,12 @@ allocation of the same size.
 
 The threshold stays at 4 MiB, not glibc's 32 MiB maximum: larger temporaries on the heap
 (whole evaluation sets in one chunk, several engines in one process) left holes that the
-small allocations between them split, and the heap grew past them. Measured with
-``benchmarks/objectives.py``'s engines (chunks of 2,048 images, 17.7 MB temporaries): 32 MiB
-grew the heap to 9-11 GB, 1.2 GB of it in use, and a run was killed for memory; 4 MiB peaked
-at 2.2 GB, target after target. Mapped temporaries are faulted in at every forward: that costs
-little beside a large block's arithmetic, but the same run took 2.3x as long with 2,048-image
-chunks of a width-16 ResNet as with 192-image chunks that stay on the heap (the engine's
-default chunk is 64 images on the CPU).
+small allocations between them split, and the heap grew past them: with 32 MiB a full run of
+``benchmarks/objectives.py`` (chunks of 2,048 images, 17.7 MB temporaries) was killed for
+memory, a heap mostly free yet unusable; with 4 MiB it reports its peak per target (2.2 GB).
+Mapped temporaries are faulted in at every forward: little beside a large block's arithmetic,
+but noticeable on tiny blocks with large chunks, which is why that benchmark uses 192-image
+chunks that stay on the heap (the engine's default chunk is 64 images on the CPU).
 
 The settings are process-wide, so they are applied only on Linux with glibc, and not when the
 user chose their own: ``MALLOC_MMAP_THRESHOLD_``, ``MALLOC_TRIM_THRESHOLD_``,
