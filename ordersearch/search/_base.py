@@ -50,6 +50,10 @@ class SearchContext:
         seed: Seed of the run (None: nondeterministic).
         study: The Optuna study (set once the study is opened).
         leases: This worker's trial leases (see :mod:`._lease`), set with the study.
+        worker_seed: Seed of this worker's model-based sampler: ``seed`` for the worker that
+            created the study; for one that joined it (a resume, or another worker), a seed
+            derived from ``seed`` and the worker's process, so workers never propose in
+            lockstep. Per-trial random sources (:meth:`rng`) keep ``seed``.
     """
 
     space: OrderSpace
@@ -59,6 +63,12 @@ class SearchContext:
     seed: int | None = None
     study: optuna.Study | None = None
     leases: Leases | None = None
+    worker_seed: int | None = None
+    _salt: int = field(default_factory=lambda: random.SystemRandom().randrange(2**31), repr=False)
+
+    def __post_init__(self) -> None:
+        if self.worker_seed is None:
+            self.worker_seed = self.seed
 
     def ask(self) -> optuna.Trial:
         """``study.ask()``, leased to this worker from this moment (searchers ask through
@@ -68,7 +78,6 @@ class SearchContext:
         if self.leases is not None:
             self.leases.take(trial)
         return trial
-    _salt: int = field(default_factory=lambda: random.SystemRandom().randrange(2**31), repr=False)
 
     # --- reading the study ----------------------------------------------------------------
     def trials(self, states: tuple[TrialState, ...] | None = None) -> list[FrozenTrial]:
@@ -135,12 +144,10 @@ class Searcher(ABC):
     Attributes:
         name: Registry name (``tpe``, ``evolution``, ...).
         directions: Optuna study directions; the first objective is always the score.
-        unique: True when the searcher never proposes an order already in the study.
     """
 
     name: ClassVar[str] = ""
     directions: ClassVar[tuple[str, ...]] = ("maximize",)
-    unique: ClassVar[bool] = True
 
     def make_sampler(self, ctx: SearchContext) -> optuna.samplers.BaseSampler:
         """The Optuna sampler the study is created with (default: a seeded random sampler,
@@ -183,8 +190,6 @@ class Searcher(ABC):
 class SamplerSearcher(Searcher):
     """A searcher whose proposals come from an Optuna sampler over the order encoding:
     ``study.ask()`` then one categorical per position (see :mod:`._encoding`)."""
-
-    unique = False
 
     @abstractmethod
     def make_sampler(self, ctx: SearchContext) -> optuna.samplers.BaseSampler: ...

@@ -124,7 +124,6 @@ class EvolutionSearcher(SamplerSearcher):
     """
 
     name = "evolution"
-    unique = True
     population: int = 16
     tournament: int = 4
     mutations: tuple[Mutation, ...] = field(default=DEFAULT_MUTATIONS)

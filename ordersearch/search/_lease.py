@@ -15,6 +15,7 @@ asked trial does not get until it is scored, and its stale check skips trials wi
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -85,6 +86,17 @@ class Leases:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="ordersearch-leases", daemon=True)
             self._thread.start()
+
+    def give_back(self, trial: optuna.Trial, reason: str) -> None:
+        """Fail a trial this worker asked for but will not score (see ``claim`` in
+        :mod:`._search`), with ``reason``; like a lost trial it does not count."""
+        self.done(trial.number)
+        _fail(self.study, trial.number, trial._trial_id, reason)
+
+    def seed(self, seed: int) -> int:
+        """A seed derived from ``seed`` and this worker's identity (host, pid, start time)."""
+        key = f"{seed}:{self.worker['host']}:{self.worker['pid']}:{self.worker['start']}"
+        return int.from_bytes(hashlib.sha256(key.encode()).digest()[:4], "big") >> 1
 
     def done(self, number: int) -> None:
         """The trial was told: its lease ends with it."""

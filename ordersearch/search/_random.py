@@ -91,7 +91,6 @@ class RandomSearcher(SamplerSearcher):
     """
 
     name = "random"
-    unique = True
 
     def make_sampler(self, ctx: SearchContext) -> BaseSampler:
         return UniformSampler(ctx.encoding, seed=ctx.seed)

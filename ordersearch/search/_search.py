@@ -23,7 +23,7 @@ from ..order import Order
 from ..space import OrderSpace
 from ..spec import bank_description
 from ._base import SearchContext, Searcher, SearchError, get_searcher
-from ._encoding import OrderEncoding, is_live
+from ._encoding import OrderEncoding, is_live, order_of
 from ._lease import Leases
 from ._result import SearchResult, best_trials, trials_table
 from ._study import counts_toward_budget, fail_stale, make_storage, open_study
@@ -31,6 +31,14 @@ from ._study import counts_toward_budget, fail_stale, make_storage, open_study
 __all__ = ["search"]
 
 log = logging.getLogger("ordersearch")
+
+#: Trial states that hold a place in the budget before they finish (a waiting trial is an
+#: enqueued order that the next ``study.ask()`` of any worker takes).
+_IN_FLIGHT = (TrialState.RUNNING, TrialState.WAITING)
+#: Seconds between looks at a study whose remaining budget other workers are scoring.
+_WAIT_SECONDS = 1.0
+#: Consecutive batches of known orders only after which a searcher is taken to have run dry.
+_KNOWN_ONLY_LIMIT = 3
 
 _STAT_KEYS = ("candidates", "failed", "block_evals", "min_block_evals", "naive_block_evals", "memo_hits",
               "image_block_evals", "total_seconds")
@@ -124,10 +132,13 @@ def search(
         "engine": {"dtype": str(engine.dtype).removeprefix("torch."), "norm": engine.norm},
         "fidelities": rungs,
     }
-    ctx.study = open_study(make_storage(storage), study_name, sampler=searcher.make_sampler(ctx),
-                        pruner=pruner, directions=searcher.directions, meta=meta)
+    ctx.study, joined = open_study(make_storage(storage), study_name, sampler=searcher.make_sampler(ctx),
+                                   pruner=pruner, directions=searcher.directions, meta=meta)
     fail_stale(ctx.study)
     ctx.leases = Leases(ctx.study)
+    if joined and seed is not None:  # a worker of its own: never in lockstep with the others
+        ctx.worker_seed = ctx.leases.seed(seed)
+        ctx.study.sampler = searcher.make_sampler(ctx)
     start = time.perf_counter()
     stats0 = _stats(engine)
     with warnings.catch_warnings():
@@ -147,8 +158,9 @@ def _loop(ctx: SearchContext, searcher: Searcher, rungs: list[int], callbacks: l
     stopped = "worker stopped"
     try:
         if not any(t.user_attrs.get("baseline") and is_live(t) for t in study.get_trials(deepcopy=False)):
-            run.batch([ctx.ask_order(bank.identity, baseline=True)])
+            run.batch(run.claim([ctx.ask_order(bank.identity, baseline=True)], n_trials)[0])
         searcher.prepare(ctx)
+        known_only = 0  # consecutive batches in which every proposal was an order already asked
         while True:
             if timeout is not None and time.perf_counter() - start > timeout:
                 log.info("search stopped by its time limit after %.0f s", time.perf_counter() - start)
@@ -156,17 +168,27 @@ def _loop(ctx: SearchContext, searcher: Searcher, rungs: list[int], callbacks: l
             trials = study.get_trials(deepcopy=False)
             if ctx.leases.reclaim(trials):  # trials of gone workers: failed, not counted
                 trials = study.get_trials(deepcopy=False)
-            # other workers' live trials count: together the workers stop at the budget
+            # other workers' trials in flight count: together the workers stop at the budget
             used = sum(counts_toward_budget(t) or t.state == TrialState.RUNNING for t in trials)
             if bar is not None:
                 bar.n = min(sum(counts_toward_budget(t) for t in trials), n_trials)
                 bar.refresh()
             remaining = n_trials - used
             if remaining <= 0:
-                break
-            items = searcher.ask(ctx, min(batch_size, remaining))
-            if not items:
+                if not any(t.state == TrialState.RUNNING for t in trials):
+                    break
+                # the rest of the budget is in other workers' hands: wait for it, so that the
+                # result covers every trial (and take over the trials of a worker that dies)
+                time.sleep(_WAIT_SECONDS)
+                continue
+            asked = searcher.ask(ctx, min(batch_size, remaining))
+            if not asked:
                 log.info("searcher %s has nothing left to propose", searcher.name)
+                break
+            items, known = run.claim(asked, n_trials)
+            known_only = known_only + 1 if known == len(asked) else 0
+            if known_only >= _KNOWN_ONLY_LIMIT:
+                log.info("searcher %s proposes only orders already in the study; stopping", searcher.name)
                 break
             run.batch(items)
     except KeyboardInterrupt:
@@ -193,9 +215,48 @@ class _Run:
         self.ctx, self.searcher, self.rungs, self.callbacks, self.bar = ctx, searcher, rungs, callbacks, bar
         self.best = -math.inf
 
+    def claim(self, items: list[tuple[optuna.Trial, Order]], n_trials: int) -> tuple[list[tuple[optuna.Trial, Order]], int]:
+        """The asked trials this worker scores, and how many were refused as known orders.
+
+        Trial numbers order a study's trials for every worker alike, so all workers reach the
+        same decision without a lock: a trial whose order an earlier live trial has is a
+        repeat, and a trial past the ``n_trials``-th that holds a place in the budget
+        (finished, running or waiting) lost the race for the budget's last places. Refused
+        trials are failed with the reason (and, like lost ones, not counted).
+        """
+        if not items:
+            return [], 0
+        ctx, mine = self.ctx, {t.number: t for t, _ in items}
+        assert ctx.leases is not None
+        first: dict[Order, int] = {}
+        refused: dict[int, str] = {}
+        holding, known = 0, 0
+        for t in sorted(ctx.trials(), key=lambda t: t.number):
+            if t.number > max(mine):
+                break
+            if not is_live(t) or t.number in refused:
+                continue
+            order = order_of(t, ctx.encoding)
+            if order is not None and order in first:
+                if t.number in mine:
+                    refused[t.number], known = f"refused: order {order} is trial {first[order]}'s", known + 1
+                continue  # another worker's repeat: its worker refuses it
+            if order is not None:
+                first[order] = t.number
+            if counts_toward_budget(t) or t.state in _IN_FLIGHT:
+                holding += 1
+                if holding > n_trials and t.number in mine:
+                    refused[t.number] = f"refused: beyond the budget of {n_trials} trials"
+                    holding -= 1
+        for number, why in refused.items():
+            ctx.leases.give_back(mine[number], why)
+        return [(t, o) for t, o in items if t.number not in refused], known
+
     def batch(self, items: list[tuple[optuna.Trial, Order]]) -> None:
         study = self.ctx.study
         assert study is not None
+        if not items:
+            return
         _beat(study, [t for t, _ in items])
         scores, pruned = self._evaluate(items)
         for (trial, order), score, was_pruned in zip(items, scores, pruned):

@@ -115,18 +115,27 @@ def open_study(
     pruner: optuna.pruners.BasePruner | None,
     directions: tuple[str, ...],
     meta: dict[str, Any],
-) -> optuna.Study:
-    """Create the study, or load it when ``study_name`` exists in ``storage``, and check
-    that an existing study searched the same thing."""
+) -> tuple[optuna.Study, bool]:
+    """Create the study, or load it when ``study_name`` exists in ``storage`` (the worker
+    *joins* it), and check that an existing study searched the same thing.
+
+    Returns:
+        The study, and True when it existed already (a resume, or another worker's study).
+    """
     try:
-        study = optuna.create_study(storage=storage, sampler=sampler, pruner=pruner, study_name=study_name,
-                                    directions=list(directions), load_if_exists=True)
-    except (ValueError, optuna.exceptions.OptunaError) as exc:
-        raise SearchError(f"cannot open study {study_name!r}: {exc}") from None
+        try:
+            study = optuna.create_study(storage=storage, sampler=sampler, pruner=pruner, study_name=study_name,
+                                        directions=list(directions))
+            joined = False
+        except optuna.exceptions.DuplicatedStudyError:  # creation is atomic: one worker creates
+            study = optuna.load_study(study_name=study_name, storage=storage, sampler=sampler, pruner=pruner)
+            joined = True
+    except (ValueError, KeyError, optuna.exceptions.OptunaError) as exc:
+        raise SearchError(f"cannot open study {study_name!r}: {one_line(exc)}") from None
     old = study.user_attrs.get(STUDY_META)
     if old is None:
         study.set_user_attr(STUDY_META, meta)
-        return study
+        return study, joined
     for key, what in _CHECKED.items():
         if key not in old:
             continue  # a study made before this key was recorded: nothing to compare
@@ -141,7 +150,7 @@ def open_study(
             )
     if [d.name.lower() for d in study.directions] != list(directions):
         raise SearchError(f"study {study.study_name!r} has directions {study.directions}, not {directions}")
-    return study
+    return study, joined
 
 
 def _short(value: Any) -> str:
