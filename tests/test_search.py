@@ -18,6 +18,7 @@ from ordersearch.search import (
     neighbours,
     search,
 )
+from ordersearch.search._study import counts_toward_budget
 from ordersearch.testing import make_problem
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -205,3 +206,30 @@ def test_unknown_searcher_and_bad_budget():
         search(p.bank, p.evalset, searcher="annealing")
     with pytest.raises(SearchError, match="n_trials"):
         search(p.bank, p.evalset, searcher="random", n_trials=0)
+
+
+@pytest.mark.parametrize("searcher", ["tpe", "nsga2"])
+def test_model_based_samplers_never_repeat_an_order_and_stop_when_the_space_is_spent(problem, searcher):
+    """Many parameter assignments repair to one order; Optuna's samplers, wrapped in
+    FreshOrders, still never score an order twice, and stop once all 3! orders are scored."""
+    space = OrderSpace(4, min_len=3, max_len=3, allow_skip=False, prefix=(0,))  # 0-x-y: 6 orders
+    result = search(problem.bank, problem.evalset, "probe", searcher=searcher, space=space, n_trials=40,
+                    batch_size=4, seed=0)
+    counted = [t for t in result.study.get_trials() if counts_toward_budget(t)]
+    orders = [t.user_attrs["order"] for t in counted]
+    assert len(orders) == len(set(orders)) == space.size() + (0 if space.contains(problem.bank.identity) else 1)
+    assert len(result.study.get_trials()) < 40
+
+
+def test_a_worker_that_joins_a_study_samples_with_a_seed_of_its_own(problem, tmp_path):
+    """The worker that creates a study samples with the seed; one that joins it (a resume,
+    another worker) with a seed derived from it and its process, so workers never propose
+    in lockstep."""
+    from ordersearch.search._lease import Leases
+
+    url = f"sqlite:///{tmp_path / 's.db'}"
+    first = search(problem.bank, problem.evalset, "probe", searcher="tpe", n_trials=3, storage=url, study_name="s", seed=5)
+    assert first.study.sampler.seed == 5
+    joined = search(problem.bank, problem.evalset, "probe", searcher="tpe", n_trials=6, storage=url, study_name="s", seed=5)
+    derived = Leases(joined.study).seed(5)
+    assert derived != 5 and joined.study.sampler.seed == derived

@@ -9,6 +9,9 @@ A reclaimed trial is failed with the reason in user attribute ``lost``: it does 
 toward the budget and its order may be proposed again (see ``is_live``). A worker stopping
 for any reason (SIGINT, an exception) fails the trials it still holds the same way.
 
+A running trial without a lease (its worker was killed between ``study.ask()`` and taking the
+lease) is reclaimed once it is :data:`ORPHAN_SECONDS` old.
+
 Optuna's RDB heartbeat does not serve here: it starts with the first heartbeat, which an
 asked trial does not get until it is scored, and its stale check skips trials without one.
 """
@@ -37,6 +40,9 @@ LOST_KEY = "lost"
 LEASE_SECONDS = 120.0
 #: Seconds between renewals.
 RENEW_SECONDS = 20.0
+#: Seconds after which a running trial that never got a lease is taken for orphaned (its
+#: worker died between asking for it and leasing it, a window of one storage round trip).
+ORPHAN_SECONDS = 60.0
 
 
 def _start_time(pid: int) -> str | None:
@@ -161,8 +167,13 @@ def _fail(study: optuna.Study, number: int, trial_id: int, reason: str) -> None:
 
 def _why_lost(trial: FrozenTrial, me: dict[str, Any], now: float) -> str | None:
     lease = trial.user_attrs.get(LEASE_KEY)
-    if not isinstance(lease, dict) or (lease.get("host"), lease.get("pid")) == (me["host"], me["pid"]):
-        return None  # no lease (Optuna's heartbeat covers it), or this worker's own
+    if not isinstance(lease, dict):
+        # a worker takes the lease right after ``study.ask()`` returns; one killed in between
+        # leaves a trial without a lease, which nobody else will ever finish
+        start = trial.datetime_start.timestamp() if trial.datetime_start else now
+        return "asked but never leased (its worker stopped at once)" if now - start > ORPHAN_SECONDS else None
+    if (lease.get("host"), lease.get("pid")) == (me["host"], me["pid"]):
+        return None  # this worker's own
     who = f"worker {lease.get('host')}:{lease.get('pid')}"
     if lease.get("host") == me["host"] and not _alive(int(lease.get("pid", -1)), lease.get("start")):
         return f"{who} is gone"
