@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +66,7 @@ class RunConfig:
     finalists: int = 10
     resamples: int = 2000
     reliability_orders: int = 30
+    jobs: int = 1
     pretrained: bool = False
     checkpoint: str | None = None
     model_arg: tuple[str, ...] = ()
@@ -134,8 +135,25 @@ def add_commands(subparsers: Any) -> None:
                             f"(target, AdaBN; default: {d['norm']})")
         p.add_argument("--reliability-orders", type=int, default=30,
                        help="orders re-scored on two halves of the search part for the report's reliability (30; 0: skip)")
+        p.add_argument("--jobs", type=int, default=1,
+                       help="local worker processes sharing the search (1); more machines join with `ordersearch worker`")
         p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
         p.set_defaults(handler=_run, command=command)
+
+    w = subparsers.add_parser(
+        "worker", help="join a search or adapt study as one more worker (e.g. on another machine)",
+        description="Score trials of a study that `ordersearch search` or `adapt` started, with the settings it "
+                    "recorded, until its budget is met; the bank and data must be reachable here under the same "
+                    "names (or give --bank/--data: their digests must match). The held-out selection and the "
+                    "report stay with the command that started the study (or run it again to resume).")
+    w.add_argument("--storage", required=True, help="Optuna storage URL the study lives in, e.g. postgresql://...")
+    w.add_argument("--study", required=True, help="study name")
+    w.add_argument("--bank", help="the bank here, when its path differs from the recorded one")
+    w.add_argument("--data", help="the data here, when its path differs from the recorded one")
+    w.add_argument("--device", help="cpu or cuda (default: the recorded one, else cuda when available)")
+    w.add_argument("--timeout", type=float, help="stop asking new orders after this many seconds")
+    w.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    w.set_defaults(handler=_worker)
 
     e = subparsers.add_parser("export", help="write the order spec(s), trials table, report and plots of a study")
     e.add_argument("--storage", required=True, help="Optuna storage URL, e.g. sqlite:///runs/search/study.db")
@@ -168,48 +186,16 @@ def _objective_arg(text: str) -> str:
 def _run(args: argparse.Namespace) -> int:
     import optuna
 
-    from . import data as osdata
-    from .engine import EngineConfig, get_objective, list_objectives
-    from .order import Order
     from .report import write_outputs
-    from .search import SearchError, SearchJob, SelectionConfig, sqlite_url
-    from .space import OrderSpace
+    from .search import SearchError, sqlite_url
 
     cfg = _config(args)
-    if cfg.command == "adapt" and get_objective(cfg.objective).needs_labels:
-        raise SearchError(f"adapt uses no labels, but objective {cfg.objective!r} needs them: use "
-                          f"`ordersearch search` for a labelled dataset, or an unlabelled objective "
-                          f"({', '.join(n for n in list_objectives() if n != 'ensemble' and not get_objective(n).needs_labels)})")
-    if cfg.trials < 1 or cfg.batch_size < 1:
-        raise SearchError("--trials and --batch-size must be >= 1")
-    if cfg.cache_mb < 0:
-        raise SearchError(f"--cache-mb must be 0 or more, got {cfg.cache_mb}")
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    engine = EngineConfig(device=cfg.device, dtype=cfg.dtype, norm=cfg.norm, cache_bytes=cfg.cache_mb * 2**20)
-    selection = SelectionConfig(finalists=cfg.finalists, resamples=cfg.resamples,
-                                reliability_orders=cfg.reliability_orders)
     out = Path(cfg.out)
     if out.exists() and not out.is_dir():
         raise SearchError(f"--out {out} is a file, not a folder")
+    _check(cfg)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     bank = bank_from_args(args)
-    spec = osdata.parse_spec(cfg.data)
-    if cfg.splits:
-        from dataclasses import replace
-
-        spec = replace(spec, split=osdata.parse_split(cfg.splits, "--splits"))
-    data = osdata.load(spec, bank.data_config, seed=cfg.seed)
-    space_kwargs: dict[str, Any] = {}
-    if cfg.max_repeats is not None:
-        space_kwargs["max_repeats"] = cfg.max_repeats or None  # 0: unlimited
-    space = OrderSpace.covering(bank.n_blocks, list(bank.source_orders.values()), min_len=cfg.min_len,
-                                max_len=cfg.max_len, allow_skip=not cfg.no_skip,
-                                prefix=tuple(Order.parse(cfg.prefix)), **space_kwargs)
-    fidelities = None
-    if cfg.fidelities:
-        try:
-            fidelities = [int(x) for x in cfg.fidelities.split(",") if x.strip()]
-        except ValueError:
-            raise SearchError(f"--fidelities must be image counts such as 64,256, got {cfg.fidelities!r}") from None
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -226,15 +212,93 @@ def _run(args: argparse.Namespace) -> int:
             log.warning("deleted study %r in %s (--force-new)", study_name, storage)
         except KeyError:
             pass  # nothing to delete
-    write_atomic(out / "config.json", json.dumps({**asdict(cfg), "storage": storage, "study": study_name}, indent=2) + "\n")
-    job = SearchJob(bank=bank, data=data, objective=cfg.objective, searcher=cfg.searcher, space=space,
-                    engine=engine, n_trials=cfg.trials, batch_size=cfg.batch_size, storage=storage,
-                    study_name=study_name, selection=selection, seed=cfg.seed, timeout=cfg.timeout,
-                    fidelities=fidelities, n_images=cfg.n_images, progress=not args.no_progress)
+    cfg = replace(cfg, storage=storage, study=study_name)
+    write_atomic(out / "config.json", json.dumps(asdict(cfg), indent=2) + "\n")
+    job = _job(cfg, bank, progress=not args.no_progress)
     result = job.run()
     files = write_outputs(result, out, bank=bank)
     print(render_result(result))
     print(f"wrote {files['spec']}, {files['trials']}, {files['report']} and plots in {out}")
+    return 0
+
+
+def _check(cfg: RunConfig) -> None:
+    """Refuse settings that cannot run, before anything loads."""
+    from .engine import get_objective, list_objectives
+    from .search import SearchError
+
+    if cfg.command == "adapt" and get_objective(cfg.objective).needs_labels:
+        raise SearchError(f"adapt uses no labels, but objective {cfg.objective!r} needs them: use "
+                          f"`ordersearch search` for a labelled dataset, or an unlabelled objective "
+                          f"({', '.join(n for n in list_objectives() if n != 'ensemble' and not get_objective(n).needs_labels)})")
+    if cfg.trials < 1 or cfg.batch_size < 1:
+        raise SearchError("--trials and --batch-size must be >= 1")
+    if cfg.cache_mb < 0:
+        raise SearchError(f"--cache-mb must be 0 or more, got {cfg.cache_mb}")
+    if cfg.jobs < 1:
+        raise SearchError(f"--jobs must be >= 1, got {cfg.jobs}")
+
+
+def _job(cfg: RunConfig, bank: Any, *, progress: bool, record: bool = True) -> Any:
+    """The :class:`~ordersearch.search.SearchJob` of resolved settings (storage and study set);
+    ``record``: the settings are recorded with the study for workers that join it later."""
+    from . import data as osdata
+    from .engine import EngineConfig
+    from .order import Order
+    from .search import SearchError, SearchJob, SelectionConfig
+    from .space import OrderSpace
+
+    engine = EngineConfig(device=cfg.device, dtype=cfg.dtype, norm=cfg.norm, cache_bytes=cfg.cache_mb * 2**20)
+    selection = SelectionConfig(finalists=cfg.finalists, resamples=cfg.resamples,
+                                reliability_orders=cfg.reliability_orders)
+    spec = osdata.parse_spec(cfg.data)
+    if cfg.splits:
+        spec = replace(spec, split=osdata.parse_split(cfg.splits, "--splits"))
+    data = osdata.load(spec, bank.data_config, seed=cfg.seed)
+    space_kwargs: dict[str, Any] = {}
+    if cfg.max_repeats is not None:
+        space_kwargs["max_repeats"] = cfg.max_repeats or None  # 0: unlimited
+    space = OrderSpace.covering(bank.n_blocks, list(bank.source_orders.values()), min_len=cfg.min_len,
+                                max_len=cfg.max_len, allow_skip=not cfg.no_skip,
+                                prefix=tuple(Order.parse(cfg.prefix)), **space_kwargs)
+    fidelities = None
+    if cfg.fidelities:
+        try:
+            fidelities = [int(x) for x in cfg.fidelities.split(",") if x.strip()]
+        except ValueError:
+            raise SearchError(f"--fidelities must be image counts such as 64,256, got {cfg.fidelities!r}") from None
+    return SearchJob(bank=bank, data=data, objective=cfg.objective, searcher=cfg.searcher, space=space,
+                     engine=engine, n_trials=cfg.trials, batch_size=cfg.batch_size, storage=cfg.storage,
+                     study_name=cfg.study, selection=selection, seed=cfg.seed, timeout=cfg.timeout,
+                     fidelities=fidelities, n_images=cfg.n_images, progress=progress, jobs=cfg.jobs,
+                     run_settings=asdict(replace(cfg, storage=None)) if record else None)  # no password kept
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import optuna
+
+    from .search import SearchError
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = _load_study(args.storage, args.study)
+    run = (study.user_attrs.get("ordersearch") or {}).get("run")
+    if not run:
+        raise SearchError(f"study {args.study!r} was not started by `ordersearch search` or `adapt` (it records no "
+                          "run settings); join it from Python with search(..., storage=..., study_name=...)")
+    names = {f.name for f in fields(RunConfig)}
+    overrides = {k: getattr(args, k) for k in ("bank", "data", "device", "timeout") if getattr(args, k) is not None}
+    cfg = replace(RunConfig(**{k: v for k, v in run.items() if k in names}), storage=args.storage, study=args.study,
+                  model_arg=tuple(run.get("model_arg") or ()), jobs=1, **overrides)
+    from .adapters import load_bank, parse_model_args
+
+    bank = load_bank(cfg.bank, pretrained=cfg.pretrained, checkpoint=cfg.checkpoint, **parse_model_args(cfg.model_arg))
+    found = _job(cfg, bank, progress=not args.no_progress, record=False).work()
+    trials = found.study.get_trials(deepcopy=False)
+    from .search._study import counts_toward_budget
+
+    print(f"worker scored {int(found.engine_stats['candidates'])} orders; study {args.study!r} has "
+          f"{sum(map(counts_toward_budget, trials))} of its {cfg.trials} trials; best so far "
+          f"{found.best_order} ({found.best_score:.4f} on search)")
     return 0
 
 
@@ -263,23 +327,32 @@ def _num(v: Any) -> str:
     return "-" if v is None else f"{v:.3f}"
 
 
+def _load_study(url: str, name: str) -> Any:
+    """An existing study (a one-line error names the studies there when it is not)."""
+    import optuna
+
+    from .search import SearchError, make_storage
+
+    if url.startswith("sqlite:///") and not Path(url.removeprefix("sqlite:///")).is_file():
+        raise SearchError(f"no study database at {url.removeprefix('sqlite:///')}")  # not an empty new one
+    storage = make_storage(url)
+    try:
+        return optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        raise SearchError(f"no study {name!r} in {url}; studies there: {', '.join(names) or 'none'}") from None
+
+
 def _export(args: argparse.Namespace) -> int:
     import optuna
 
     from .report import write_outputs
-    from .search import JobResult, SearchError, make_storage
+    from .search import JobResult, SearchError
 
     if args.top < 1:
         raise SearchError("--top must be >= 1")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if args.storage.startswith("sqlite:///") and not Path(args.storage.removeprefix("sqlite:///")).is_file():
-        raise SearchError(f"no study database at {args.storage.removeprefix('sqlite:///')}")  # not an empty new one
-    storage = make_storage(args.storage)
-    try:
-        study = optuna.load_study(study_name=args.study, storage=storage)
-    except KeyError:
-        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
-        raise SearchError(f"no study {args.study!r} in {args.storage}; studies there: {', '.join(names) or 'none'}") from None
+    study = _load_study(args.storage, args.study)
     result = JobResult.from_study(study)
     bank = None
     if args.bank:

@@ -7,6 +7,7 @@ hungry objective on an unlabelled command); each case runs the CLI in-process in
 from __future__ import annotations
 
 import pickle
+import shutil
 
 import pytest
 import torch
@@ -77,12 +78,30 @@ CASES = {  # name: (argv, what the one line must say)
     "training config of random bytes": (["train", "--config", "random.json"], "is not text"),
     "malformed YAML config": (["train", "--config", "bad.yaml"], "is not valid YAML"),
     "demo without trials": (["demo", "--trials", "0"], "demo trials must be >= 1"),
+    "zero jobs": (_search("--jobs", "0"), "--jobs must be >= 1"),
+    "worker without a study database": (["worker", "--storage", "sqlite:///nothere.db", "--study", "x"],
+                                        "no study database at nothere.db"),
+    "worker on a missing study": (["worker", "--storage", "sqlite:///plain.db", "--study", "x"],
+                                  "no study 'x' in sqlite:///plain.db; studies there: plain"),
+    "worker on a study no command started": (["worker", "--storage", "sqlite:///plain.db", "--study", "plain"],
+                                             "was not started by `ordersearch search` or `adapt`"),
 }
 
 
+@pytest.fixture(scope="module")
+def plain_db(tmp_path_factory):
+    """A study made by Optuna alone (no run settings a worker could join with)."""
+    import optuna
+
+    path = tmp_path_factory.mktemp("plain") / "plain.db"
+    optuna.create_study(study_name="plain", storage=f"sqlite:///{path}")
+    return path
+
+
 @pytest.fixture
-def folder(tmp_path, monkeypatch):
+def folder(tmp_path, monkeypatch, plain_db):
     monkeypatch.chdir(tmp_path)
+    shutil.copy(plain_db, tmp_path / "plain.db")
     (tmp_path / "afile").write_text("x")
     noise = bytes(range(128, 256)) * 2
     for name in ("random.json", "junk.safetensors"):

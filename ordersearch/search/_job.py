@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
@@ -43,7 +44,7 @@ from ..space import OrderSpace
 from ..spec import bank_description
 from ._base import Searcher, SearchError
 from ._evidence import WITHIN_NOISE, Interval, paired_bootstrap
-from ._result import best_trials
+from ._result import SearchResult, best_trials
 from ._search import search
 
 __all__ = ["Finalist", "JobResult", "RESULT_KEY", "SearchJob", "SelectionConfig", "Splits", "make_splits"]
@@ -349,6 +350,10 @@ class SearchJob:
         n_images: Score the search on a seeded subset of this many *search* images.
         progress: Show the search's progress bar.
         callbacks: Called as ``callback(study, trial)`` after each finished trial.
+        jobs: Local worker processes that share the search (joblib; needs a storage URL);
+            the held-out selection runs once they have met the budget.
+        run_settings: Settings recorded with the study for ``ordersearch worker`` (see
+            :func:`search`'s ``run``).
 
     Example:
         >>> import ordersearch
@@ -378,6 +383,15 @@ class SearchJob:
     n_images: int | None = None
     progress: bool = False
     callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = ()
+    jobs: int = 1
+    run_settings: Mapping[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if self.jobs < 1:
+            raise SearchError(f"jobs must be >= 1, got {self.jobs}")
+        if self.jobs > 1 and not (isinstance(self.storage, str) and self.study_name):
+            raise SearchError("several jobs share one study through a storage URL (e.g. sqlite:///run/study.db): "
+                              "give storage and study_name")
 
     def splits(self) -> Splits:
         """The parts of the data this job uses."""
@@ -387,20 +401,31 @@ class SearchJob:
         return make_splits(self.data, labelled=objective.needs_labels, seed=self.seed, n_images=self.n_images,
                            select_share=self.selection.select_share)
 
-    def run(self) -> JobResult:
-        """Search, select, judge; write the result into the study and return it."""
-        start = time.perf_counter()
+    def work(self) -> SearchResult:
+        """The search alone, as one worker of the study: score its trials until the budget
+        is met (with the other workers), without the held-out selection (:meth:`run`)."""
         objective = get_objective(self.objective)
         splits = self.splits()
         if objective.needs_labels and not splits.search.has_labels:
             raise DataError(f"objective {objective.name!r} needs labels; {splits.search.name} has none")
+        engine = self.engine.build(self.bank, splits.search, objective)
+        return search(self.bank, splits.search, objective, searcher=self.searcher, space=self.space,
+                      n_trials=self.n_trials, batch_size=self.batch_size, storage=self.storage,
+                      study_name=self.study_name, seed=self.seed, timeout=self.timeout, engine=engine,
+                      searcher_options=dict(self.searcher_options), fidelities=self.fidelities,
+                      progress=self.progress, callbacks=self.callbacks,
+                      run=None if self.run_settings is None else dict(self.run_settings))
+
+    def run(self) -> JobResult:
+        """Search (in ``jobs`` processes), select, judge; write the result into the study and
+        return it."""
+        start = time.perf_counter()
+        objective = get_objective(self.objective)
+        splits = self.splits()
         bank, sel = self.bank, self.selection
-        engine = self.engine.build(bank, splits.search, objective)
-        found = search(bank, splits.search, objective, searcher=self.searcher, space=self.space,
-                       n_trials=self.n_trials, batch_size=self.batch_size, storage=self.storage,
-                       study_name=self.study_name, seed=self.seed, timeout=self.timeout, engine=engine,
-                       searcher_options=dict(self.searcher_options), fidelities=self.fidelities,
-                       progress=self.progress, callbacks=self.callbacks)
+        if self.jobs > 1:
+            _parallel(self)
+        found = (replace(self, progress=False) if self.jobs > 1 else self).work()  # with jobs: budget met
         study = found.study
         identity = bank.identity
         search_scores = _search_scores(study)
@@ -493,6 +518,48 @@ class SearchJob:
             "data_description": getattr(self.data, "description", None) or {},
             "n_images": self.n_images,
         }
+
+
+def _parallel(job: SearchJob) -> None:
+    """Run ``job.jobs`` worker processes on the job's study until its budget is met."""
+    from joblib import Parallel, delayed
+
+    threads = max(1, (torch.get_num_threads() or 1) // job.jobs)
+    solo = replace(job, jobs=1, progress=False, callbacks=())
+    stop = threading.Event()
+    watcher = threading.Thread(target=_watch, args=(job, stop), daemon=True) if job.progress else None
+    if watcher is not None:
+        watcher.start()
+    try:
+        done = Parallel(n_jobs=job.jobs, backend="loky")(delayed(_work)(solo, threads) for _ in range(job.jobs))
+    finally:
+        stop.set()
+        if watcher is not None:
+            watcher.join()
+    log.info("%d workers scored %s candidates", job.jobs, "+".join(map(str, done)))
+
+
+def _work(job: SearchJob, threads: int) -> int:
+    torch.set_num_threads(threads)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return int(job.work().engine_stats["candidates"])
+
+
+def _watch(job: SearchJob, stop: threading.Event) -> None:
+    """A progress bar of the study the workers fill (counted trials against the budget)."""
+    from tqdm.auto import tqdm
+
+    from ._study import counts_toward_budget, make_storage
+
+    storage = make_storage(job.storage)
+    with tqdm(total=job.n_trials, desc=f"{job.jobs} workers", dynamic_ncols=True) as bar:
+        while not stop.wait(1.0):
+            try:
+                trials = optuna.load_study(study_name=job.study_name, storage=storage).get_trials(deepcopy=False)
+            except (KeyError, ValueError):  # not created yet
+                continue
+            bar.n = min(sum(counts_toward_budget(t) for t in trials), job.n_trials)
+            bar.refresh()
 
 
 def _search_scores(study: optuna.Study) -> dict[Order, float]:

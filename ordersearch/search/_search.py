@@ -63,6 +63,7 @@ def search(
     pruner: optuna.pruners.BasePruner | None = None,
     progress: bool = False,
     callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = (),
+    run: dict[str, Any] | None = None,
 ) -> SearchResult:
     """Search an order of ``bank``'s blocks that maximises ``objective`` on ``evalset``.
 
@@ -89,6 +90,8 @@ def search(
         pruner: Optuna pruner (default with ``fidelities``: successive halving).
         progress: Show a progress bar with the best score so far.
         callbacks: Called as ``callback(study, trial)`` after each finished trial.
+        run: Settings a new worker needs to join the study (what ``ordersearch worker``
+            reads), recorded with the study when it is created.
 
     Returns:
         The best order, its score, the study and the trials table.
@@ -131,6 +134,7 @@ def search(
         "data_digest": evalset.digest,
         "engine": {"dtype": str(engine.dtype).removeprefix("torch."), "norm": engine.norm},
         "fidelities": rungs,
+        "run": run,
     }
     ctx.study, joined = open_study(make_storage(storage), study_name, sampler=searcher.make_sampler(ctx),
                                    pruner=pruner, directions=searcher.directions, meta=meta)

@@ -150,6 +150,8 @@ def open_study(
             )
     if [d.name.lower() for d in study.directions] != list(directions):
         raise SearchError(f"study {study.study_name!r} has directions {study.directions}, not {directions}")
+    if meta.get("run") is not None and old.get("run") != meta["run"]:  # the latest command's, for new workers
+        study.set_user_attr(STUDY_META, {**old, "run": meta["run"]})
     return study, joined
 
 
