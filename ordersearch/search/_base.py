@@ -117,22 +117,15 @@ class SearchContext:
     def ask_order(self, order: Order, **attrs: Any) -> tuple[optuna.Trial, Order]:
         """A new trial for ``order`` chosen by the searcher itself (not by a sampler).
 
-        The order's parameters are enqueued, so the trial carries them like any sampled
-        one. On shared storage another worker may pop the enqueued trial first; then this
-        returns the trial it got and that trial's order, and the other worker scores ours.
+        The trial carries the order's parameters like a sampled one (when the order is
+        representable), so samplers learn from its score. They are written to the new trial,
+        not enqueued: on SQLite two workers can pop one enqueued trial and both score it.
         """
-        assert self.study is not None
-        params = self.encoding.params(order)
-        user_attrs = {"order": str(order), **attrs}
-        if params is None:
-            trial = self.ask()
-            for k, v in user_attrs.items():
-                trial.set_user_attr(k, v)
-            return trial, order
-        self.study.enqueue_trial(params, user_attrs=user_attrs)
         trial = self.ask()
-        # Enqueued parameters are fixed: suggesting records them and decodes to the order.
-        return trial, self.encoding.suggest(trial)
+        self.encoding.record(trial, order)
+        for k, v in {"order": str(order), **attrs}.items():
+            trial.set_user_attr(k, v)
+        return trial, order
 
 
 class Searcher(ABC):

@@ -69,6 +69,14 @@ class OrderEncoding:
         tail = list(order)[len(self.space.prefix):]
         return dict(zip(self.names, tail + [SKIP] * (self.n_positions - len(tail))))
 
+    def record(self, trial: optuna.Trial, order: Order) -> None:
+        """Record ``order``'s parameters in a new trial as if its sampler had suggested them
+        (nothing for an order the space cannot represent)."""
+        params = self.params(order)
+        for name, value in (params or {}).items():
+            trial.storage.set_trial_param(trial._trial_id, name, self.distribution.to_internal_repr(value),
+                                          self.distribution)
+
     def raw(self, params: Mapping[str, Any]) -> Order:
         """The order the parameters spell, before repair (may be outside the space)."""
         return Order(self.space.prefix + tuple(int(params.get(n, SKIP)) for n in self.names))
