@@ -41,7 +41,7 @@ LEASE_SECONDS = 120.0
 #: Seconds between renewals.
 RENEW_SECONDS = 20.0
 #: Seconds after which a running trial that never got a lease is taken for orphaned (its
-#: worker died between asking for it and leasing it, a window of one storage round trip).
+#: worker died between asking for it and leasing it, a window of a few storage round trips).
 ORPHAN_SECONDS = 60.0
 
 

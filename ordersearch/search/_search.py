@@ -13,6 +13,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Sequence
+from datetime import datetime, timedelta
 from typing import Any
 
 import optuna
@@ -24,6 +25,7 @@ from ..space import OrderSpace
 from ..spec import bank_description
 from ._base import SearchContext, Searcher, SearchError, get_searcher
 from ._encoding import OrderEncoding, is_live, order_of
+from ._interrupt import HeldInterrupts
 from ._lease import Leases
 from ._result import SearchResult, best_trials, trials_table
 from ._study import counts_toward_budget, fail_stale, make_storage, open_study
@@ -37,6 +39,8 @@ log = logging.getLogger("ordersearch")
 _IN_FLIGHT = (TrialState.RUNNING, TrialState.WAITING)
 #: Seconds between looks at a study whose remaining budget other workers are scoring.
 _WAIT_SECONDS = 1.0
+#: Seconds a claim waits for other workers' just-asked trials to show their orders.
+_SETTLE_SECONDS = 2.0
 #: Consecutive batches of known orders only after which a searcher is taken to have run dry.
 _KNOWN_ONLY_LIMIT = 3
 
@@ -153,12 +157,21 @@ def search(
 
 def _loop(ctx: SearchContext, searcher: Searcher, rungs: list[int], callbacks: list, n_trials: int, batch_size: int,
           timeout: float | None, progress: bool, start: float, stats0: dict[str, float]) -> SearchResult:
-    study, engine, bank = ctx.study, ctx.engine, ctx.bank
+    study, engine = ctx.study, ctx.engine
     assert study is not None
     obj_name = engine.objective.name
     bar = _bar(progress, n_trials, searcher.name)
     run = _Run(ctx, searcher, rungs, callbacks, bar)
-    assert ctx.leases is not None
+    with run.held:
+        _trials(ctx, searcher, run, bar, n_trials, batch_size, timeout, start)
+    return _result(study, searcher, obj_name, _diff(stats0, _stats(engine)))
+
+
+def _trials(ctx: SearchContext, searcher: Searcher, run: _Run, bar: Any, n_trials: int, batch_size: int,
+            timeout: float | None, start: float) -> None:
+    """Ask, claim, score and tell until the budget is met; fail what is held on the way out."""
+    study, bank = ctx.study, ctx.bank
+    assert study is not None and ctx.leases is not None
     stopped = "worker stopped"
     try:
         if not any(t.user_attrs.get("baseline") and is_live(t) for t in study.get_trials(deepcopy=False)):
@@ -166,6 +179,7 @@ def _loop(ctx: SearchContext, searcher: Searcher, rungs: list[int], callbacks: l
         searcher.prepare(ctx)
         known_only = 0  # consecutive batches in which every proposal was an order already asked
         while True:
+            run.held.check()
             if timeout is not None and time.perf_counter() - start > timeout:
                 log.info("search stopped by its time limit after %.0f s", time.perf_counter() - start)
                 break
@@ -208,7 +222,6 @@ def _loop(ctx: SearchContext, searcher: Searcher, rungs: list[int], callbacks: l
         n = ctx.leases.close(stopped)
         if n:
             log.warning("%d trials in flight were failed (%s); they will be proposed again", n, stopped)
-    return _result(study, searcher, obj_name, _diff(stats0, _stats(engine)))
 
 
 class _Run:
@@ -218,6 +231,7 @@ class _Run:
     def __init__(self, ctx: SearchContext, searcher: Searcher, rungs: list[int], callbacks: list, bar: Any) -> None:
         self.ctx, self.searcher, self.rungs, self.callbacks, self.bar = ctx, searcher, rungs, callbacks, bar
         self.best = -math.inf
+        self.held = HeldInterrupts()  # Ctrl-C: at once while scoring, after the write otherwise
 
     def claim(self, items: list[tuple[optuna.Trial, Order]], n_trials: int) -> tuple[list[tuple[optuna.Trial, Order]], int]:
         """The asked trials this worker scores, and how many were refused as known orders.
@@ -235,7 +249,7 @@ class _Run:
         first: dict[Order, int] = {}
         refused: dict[int, str] = {}
         holding, known = 0, 0
-        for t in sorted(ctx.trials(), key=lambda t: t.number):
+        for t in self._settled(max(mine)):
             if t.number > max(mine):
                 break
             if not is_live(t) or t.number in refused:
@@ -255,6 +269,19 @@ class _Run:
         for number, why in refused.items():
             ctx.leases.give_back(mine[number], why)
         return [(t, o) for t, o in items if t.number not in refused], known
+
+    def _settled(self, last: int) -> list[FrozenTrial]:
+        """The study's trials by number, once every running trial up to ``last`` shows its
+        order: another worker records a trial's order a few storage round trips after asking
+        for it, and a claim that read it before would miss a repeat. A trial that shows none
+        after :data:`_SETTLE_SECONDS` (its worker died in between) is not waited for."""
+        while True:
+            trials = sorted(self.ctx.trials(), key=lambda t: t.number)
+            since = datetime.now() - timedelta(seconds=_SETTLE_SECONDS)  # Optuna's clock: naive local time
+            if not any(t.number <= last and t.state == TrialState.RUNNING and t.datetime_start is not None
+                       and t.datetime_start > since and order_of(t, self.ctx.encoding) is None for t in trials):
+                return trials
+            time.sleep(0.01)
 
     def batch(self, items: list[tuple[optuna.Trial, Order]]) -> None:
         study = self.ctx.study
@@ -276,7 +303,8 @@ class _Run:
         pruned = [False] * len(items)
         alive = list(range(len(items)))
         for n in self.rungs:
-            scores = engine.evaluate([orders[i] for i in alive], n_images=n)
+            with self.held.scoring():
+                scores = engine.evaluate([orders[i] for i in alive], n_images=n)
             for i, s in zip(alive, scores):
                 if s.ok:
                     items[i][0].report(s.value, n)
@@ -291,7 +319,9 @@ class _Run:
             alive = keep
             _beat(self.ctx.study, [items[i][0] for i in alive])
         if alive:
-            for i, s in zip(alive, engine.evaluate([orders[i] for i in alive], retain=retain)):
+            with self.held.scoring():
+                scores = engine.evaluate([orders[i] for i in alive], retain=retain)
+            for i, s in zip(alive, scores):
                 final[i] = s
         return final, pruned
 
