@@ -18,7 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from optuna.samplers import BaseSampler
-from optuna.study import Study
+from optuna.study import Study, StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
 from ..order import Order
@@ -68,6 +68,11 @@ class EvolutionSampler(OrderSampler):
         self.late_bias = late_bias
         self.seeds = [o for o in seeds if encoding.space.contains(o)]
 
+    def check_study(self, study: Study) -> None:
+        if len(study.directions) > 1:
+            raise ValueError(f"evolution is a single-objective sampler; this study has {len(study.directions)} "
+                             "objectives (use nsga2 or tpe for several)")
+
     def members(self, trials: list[FrozenTrial]) -> list[tuple[Order, float]]:
         """The current population: ``(order, score)`` of the last completed trials."""
         done = sorted((t for t in trials if t.state == TrialState.COMPLETE and t.values), key=lambda t: t.number)
@@ -87,10 +92,10 @@ class EvolutionSampler(OrderSampler):
         pop = self.members(trials)
         if len(trials) < self.population or not pop:
             return space.sample(rng)
-        parent = self._tournament(pop, rng)
+        parent = self.winner(study, pop, rng)
         child: Order | None = None
         if self.crossovers and len({o for o, _ in pop}) > 1 and rng.random() < self.crossover_prob:
-            other = self._tournament(pop, rng)
+            other = self.winner(study, pop, rng)
             if other != parent:
                 child = rng.choice(self.crossovers)(parent, other, space, rng)
                 if child in (parent, other) or not space.contains(child):
@@ -99,9 +104,11 @@ class EvolutionSampler(OrderSampler):
             child = mutate(parent, space, rng, self.mutations, late_bias=self.late_bias)
         return child if child is not None else space.sample(rng)
 
-    def _tournament(self, pop: list[tuple[Order, float]], rng: random.Random) -> Order:
+    def winner(self, study: Study, pop: list[tuple[Order, float]], rng: random.Random) -> Order:
+        """The best of ``tournament`` random members, in the study's direction."""
         picks = rng.sample(pop, min(self.tournament, len(pop)))
-        return max(picks, key=lambda m: m[1])[0]
+        best = min if study.direction == StudyDirection.MINIMIZE else max
+        return best(picks, key=lambda m: m[1])[0]
 
 
 @dataclass(frozen=True)
@@ -150,7 +157,8 @@ class EvolutionSearcher(SamplerSearcher):
         sampler = ctx.study.sampler
         if not isinstance(sampler, EvolutionSampler):
             return []
-        pop = sorted(sampler.members(ctx.trials()), key=lambda m: -m[1])
+        sign = 1.0 if ctx.study.direction == StudyDirection.MINIMIZE else -1.0
+        pop = sorted(sampler.members(ctx.trials()), key=lambda m: sign * m[1])
         return [o for o, _ in pop[: self.tournament]]
 
 

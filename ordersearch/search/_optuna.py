@@ -57,18 +57,21 @@ class FreshOrders(BaseSampler):
 
     def sample_relative(self, study: Study, trial: FrozenTrial,
                         search_space: dict[str, BaseDistribution]) -> dict[str, Any]:
+        """The wrapped sampler's joint proposal for the part of ``search_space`` it models, the
+        rest sampled independently by it; drawn again while the order is a known one."""
         inner = {k: v for k, v in self.sampler.infer_relative_search_space(study, trial).items() if k in search_space}
-        if trial.system_attrs.get("fixed_params") or any(n not in search_space for n in self.encoding.names):
+        if trial.system_attrs.get("fixed_params"):
             return self.sampler.sample_relative(study, trial, inner)
+        fresh = all(search_space.get(n) == self.encoding.distribution for n in self.encoding.names)
         seen = {o for t in study.get_trials(deepcopy=False) if t.number != trial.number and is_live(t)
-                and (o := order_of(t, self.encoding)) is not None}
+                and (o := order_of(t, self.encoding)) is not None} if fresh else set()
         params: dict[str, Any] = {}
-        for attempt in range(self.tries):
+        for attempt in range(self.tries if fresh else 1):
             params = dict(self.sampler.sample_relative(study, trial, inner)) if attempt < self.tries // 2 else {}
             for name, dist in search_space.items():
                 if name not in params:
                     params[name] = self.sampler.sample_independent(study, trial, name, dist)
-            if self.encoding.decode(params) not in seen:
+            if not fresh or self.encoding.decode(params) not in seen:
                 return params
         rng = random.Random(f"{self.seed}:{trial.number}")
         for _ in range(100):  # the sampler keeps proposing known orders

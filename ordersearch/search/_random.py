@@ -8,6 +8,7 @@ the trial number: a resumed search draws what an uninterrupted one would have.
 from __future__ import annotations
 
 import random
+import zlib
 from abc import abstractmethod
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,15 @@ from ..order import Order
 from ._base import SamplerSearcher, SearchContext, register_searcher
 from ._encoding import OrderEncoding, is_live, order_of
 
-__all__ = ["OrderSampler", "RandomSearcher", "UniformSampler"]
+__all__ = ["OrderSampler", "RandomSearcher", "UniformSampler", "sample_independent"]
+
+
+def sample_independent(seed: int, study: Study, trial: FrozenTrial, name: str, distribution: BaseDistribution) -> Any:
+    """A uniform draw of one parameter outside the order encoding, from a random source fixed
+    by ``seed``, the trial number and the parameter's name (two parameters of one trial, or
+    one parameter of two trials, get independent draws; a rerun gets the same ones)."""
+    key = zlib.crc32(f"{seed}:{trial.number}:{name}".encode())
+    return optuna.samplers.RandomSampler(seed=key).sample_independent(study, trial, name, distribution)
 
 
 class OrderSampler(BaseSampler):
@@ -40,14 +49,29 @@ class OrderSampler(BaseSampler):
         self.seed = seed if seed is not None else random.SystemRandom().randrange(2**31)
         self.max_tries = max_tries
 
+    def check_study(self, study: Study) -> None:
+        """Raise ValueError for a study this sampler cannot serve (none by default)."""
+
     def infer_relative_search_space(self, study: Study, trial: FrozenTrial) -> dict[str, BaseDistribution]:
         return dict(self.encoding.distributions)
 
     def sample_relative(
         self, study: Study, trial: FrozenTrial, search_space: dict[str, BaseDistribution]
     ) -> dict[str, Any]:
-        if not search_space:
-            return {}
+        """One proposed order for the positions of ``search_space`` that are positions of the
+        encoding; every other parameter of ``search_space`` sampled independently."""
+        self.check_study(study)
+        positions = [n for n in self.encoding.names if search_space.get(n) == self.encoding.distribution]
+        out: dict[str, Any] = {}
+        if positions:
+            params = self.encoding.params(self._order(study, trial))
+            out = {n: params[n] for n in positions}
+        for name, distribution in search_space.items():
+            if name not in out:
+                out[name] = sample_independent(self.seed, study, trial, name, distribution)
+        return out
+
+    def _order(self, study: Study, trial: FrozenTrial) -> Order:
         rng = random.Random(f"{self.seed}:{trial.number}")
         trials = [t for t in study.get_trials(deepcopy=False) if t.number != trial.number]
         seen = {o for t in trials if is_live(t) and (o := order_of(t, self.encoding)) is not None}
@@ -56,18 +80,15 @@ class OrderSampler(BaseSampler):
             order = self.propose(study, trials, rng)
             if order not in seen:
                 break
-        assert order is not None
-        params = self.encoding.params(order)
-        assert params is not None, f"{type(self).__name__} proposed {order}, outside the space"
-        return params
+        assert order is not None and self.encoding.space.contains(order), \
+            f"{type(self).__name__} proposed {order}, outside the space"
+        return order
 
     def sample_independent(
         self, study: Study, trial: FrozenTrial, param_name: str, param_distribution: BaseDistribution
     ) -> Any:
-        # Only reached for parameters outside the encoding (none in an ordersearch study).
-        return optuna.samplers.RandomSampler(seed=self.seed + trial.number).sample_independent(
-            study, trial, param_name, param_distribution
-        )
+        self.check_study(study)
+        return sample_independent(self.seed, study, trial, param_name, param_distribution)
 
     @abstractmethod
     def propose(self, study: Study, trials: list[FrozenTrial], rng: random.Random) -> Order:
