@@ -270,3 +270,91 @@ def test_build_model_shares_blocks_and_fine_tunes(banks):
 def test_build_model_validates_order(banks):
     with pytest.raises(ordersearch.OrderError, match="position 1 uses block 9"):
         build_model(banks["isoresnet"], [0, 9])
+
+
+_VIT = dict(depth=3, img_size=32, patch_size=8, embed_dim=32, num_heads=2, num_classes=5)
+_MIXER = dict(img_size=32, num_classes=5)  # these names fix depth and width
+# (timm name, small random configuration, adapter): at least 15 names across the families.
+TIMM_MODELS = [
+    ("vit_tiny_patch16_224", _VIT, "vit"),
+    ("deit_tiny_distilled_patch16_224", _VIT, "vit"),
+    ("deit3_small_patch16_224", _VIT, "vit"),
+    ("vit_small_patch14_reg4_dinov2", _VIT, "vit"),
+    ("vit_base_patch16_clip_224", _VIT, "vit"),
+    ("vit_base_patch16_siglip_224", _VIT, "vit"),
+    ("flexivit_small", _VIT, "vit"),
+    ("beit_base_patch16_224", _VIT, "blocks"),
+    ("eva02_tiny_patch14_224", _VIT, "eva"),
+    ("eva_giant_patch14_224", dict(_VIT, mlp_ratio=2.0), "eva"),
+    ("vit_small_patch16_rope_224", _VIT, "eva"),
+    ("cait_xxs24_224", _VIT, "cait"),
+    ("xcit_nano_12_p16_224", dict(_VIT, patch_size=16), "xcit"),
+    ("resmlp_12_224", _MIXER, "mixer"),
+    ("mixer_s16_224", _MIXER, "mixer"),
+    ("gmlp_ti16_224", _MIXER, "mixer"),
+]
+
+
+@pytest.mark.parametrize("name, kw, adapter", TIMM_MODELS, ids=[n for n, _, _ in TIMM_MODELS])
+def test_timm_families_identity_reproduces_logits_and_features(name, kw, adapter):
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kw).eval()
+    bank = bank_from_model(model)
+    assert bank.adapter == adapter and bank.n_blocks == len(model.blocks) >= 3
+    x = torch.randn(2, *bank.data_config["input_size"])
+    with torch.inference_mode():
+        assert torch.allclose(bank(x), model(x), atol=1e-5, rtol=1e-5)
+        pooled = model.forward_head(model.forward_features(x), pre_logits=True)
+        assert torch.allclose(bank.embed(x), pooled, atol=1e-5, rtol=1e-5)
+        assert bank(x, Order([2, 0, 1, 1])).shape == model(x).shape  # reordered, repeated
+
+
+def test_blocks_whose_arguments_depend_on_depth_are_refused_in_one_short_line():
+    model = timm.create_model("vit_small_patch16_rope_mixed_224", **_VIT).eval()  # per-depth RoPE
+    with pytest.raises(BankError, match="block 1 gets other arguments than block 0 .rope.*no adapter fits") as info:
+        bank_from_model(model)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 200
+
+
+def test_a_block_failure_is_named_once_for_all_blocks():
+    class Widening(nn.Module):  # its first block widens 4 -> 8: not isometric
+        def __init__(self):
+            super().__init__()
+            self.blocks = nn.Sequential(nn.Linear(4, 8), *(nn.Linear(8, 8) for _ in range(11)))
+
+        def forward(self, x):
+            return self.blocks(x)
+
+    with pytest.raises(BankError) as info:
+        bank_from_model(Widening().eval(), data_config={"input_size": (4,)})
+    text = str(info.value)
+    assert "block 0: (4,) -> (8,); blocks 1-11: fail on input (4,): RuntimeError" in text
+    assert text.count("fail on input") == 1 and len(text) < 300 and "\n" not in text
+
+
+def test_a_forced_adapter_that_does_not_fit_is_one_line():
+    model = timm.create_model("xcit_nano_12_p16_224", **dict(_VIT, patch_size=16)).eval()
+    with pytest.raises(BankError, match="adapter 'vit' does not fit Xcit: AttributeError"):
+        bank_from_model(model, adapter="vit")
+
+
+def test_identity_check_compares_pooled_features_under_a_zero_head():
+    class TwiceNet(nn.Module):  # doubles after its blocks, where no tail of a bank looks
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Linear(6, 16)
+            self.blocks = nn.Sequential(*(nn.Linear(16, 16) for _ in range(2)))
+            self.head = nn.Linear(16, 3)
+            nn.init.zeros_(self.head.weight), nn.init.zeros_(self.head.bias)
+
+        def forward_features(self, x):
+            return 2 * self.blocks(self.stem(x))
+
+        def forward_head(self, h, pre_logits=False):
+            return h if pre_logits else self.head(h)
+
+        def forward(self, x):
+            return self.forward_head(self.forward_features(x))
+
+    with pytest.raises(BankError, match="pooled features differ"):
+        bank_from_model(TwiceNet().eval(), data_config={"input_size": (6,)})

@@ -1,8 +1,12 @@
-"""Adapters for timm's isometric families: ViT/DeiT, ConvMixer, ResMLP and MLP-Mixer.
+"""Adapters for timm's isometric families: ViT/DeiT, ConvMixer, ResMLP, MLP-Mixer, EVA,
+CaiT and XCiT.
 
 Each follows timm's convention ``forward_features = stem; blocks; norm`` and
-``forward_head(x, pre_logits)``; only the stem differs per family. Data configuration comes
-from ``timm.data.resolve_data_config``.
+``forward_head(x, pre_logits)``; only the stem differs per family. Blocks that their model
+calls with more than the activations (EVA's rotary embeddings, XCiT's token grid) are bound
+to those arguments (:func:`bind_block_arguments`); class-attention blocks that follow the
+self-attention blocks (CaiT, XCiT) are part of the head. Data configuration comes from
+``timm.data.resolve_data_config``.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._parts import Part, stem_by_capture, timm_tail
+from ._parts import Part, class_attention_tail, stem_by_capture, timm_tail
 from ._registry import register_adapter
 
 log = logging.getLogger("ordersearch")
@@ -98,17 +102,18 @@ register_adapter(
 )
 
 
-def _generic_build(model: nn.Module) -> dict[str, Any]:
+def _generic_build(model: nn.Module, tail=timm_tail) -> dict[str, Any]:
     """Any model with a ``blocks`` sequence: the stem is what runs before the blocks, the
     tail follows timm's ``norm`` + ``forward_head`` convention (checked by the identity test)."""
     parts: dict[str, Any] = {
         "stem": Part(model, stem_by_capture, "stem"),
         "blocks": list(model.blocks),
+        "bind_blocks": True,  # bound to their extra arguments once the input size is known
         "data_config": timm_data_config(model) if hasattr(model, "pretrained_cfg") else {},
     }
     if hasattr(model, "forward_head"):
-        parts["head"] = Part(model, partial(timm_tail, pre_logits=False), "head")
-        parts["features"] = Part(model, partial(timm_tail, pre_logits=True), "features")
+        parts["head"] = Part(model, partial(tail, pre_logits=False), "head")
+        parts["features"] = Part(model, partial(tail, pre_logits=True), "features")
     else:
         parts["head"] = None
         parts["features"] = Part(model, _mean_pool, "features")
@@ -120,6 +125,24 @@ def _mean_pool(model: nn.Module, h: torch.Tensor) -> torch.Tensor:
     return h.mean(dim=(2, 3)) if h.ndim == 4 else h.mean(dim=1) if h.ndim == 3 else h.flatten(1)
 
 
+register_adapter(
+    "eva",
+    _is("timm.models.eva.Eva"),
+    _generic_build,
+    description="timm EVA/EVA-02 and RoPE ViTs (rotary position embeddings bound to each block)",
+)
+register_adapter(
+    "cait",
+    _is("timm.models.cait.Cait"),
+    partial(_generic_build, tail=class_attention_tail),
+    description="timm CaiT (self-attention blocks; class-attention blocks are part of the head)",
+)
+register_adapter(
+    "xcit",
+    _is("timm.models.xcit.Xcit"),
+    partial(_generic_build, tail=class_attention_tail),
+    description="timm XCiT (blocks bound to the token grid size; class-attention blocks in the head)",
+)
 register_adapter(
     "blocks",
     lambda m: isinstance(getattr(m, "blocks", None), (nn.Sequential, nn.ModuleList)),
