@@ -110,7 +110,9 @@ def source_bank(config: DemoConfig, out: Path, progress: Progress | None = None)
     bank_path = out / "bank.safetensors"
     stamp = out / "bank_training.json"
     arch = parse_isoresnet_source(config.bank)
-    fit = FitConfig(epochs=config.epochs, seed=config.seed)
+    # One thread: the weights (and so every figure after) do not depend on the machine's
+    # thread count; training this small bank is barely slower on one thread than on two.
+    fit = FitConfig(epochs=config.epochs, seed=config.seed, threads=1)
     wanted = {"bank": arch.source(), "source": config.source, "fit": fit.to_dict()}
     if bank_path.exists() and stamp.exists():
         try:

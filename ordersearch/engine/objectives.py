@@ -38,6 +38,7 @@ from typing import Any, ClassVar, Literal
 import torch
 
 from .._registry import Registry, parse_options
+from .._threads import torch_threads
 from ..errors import ObjectiveError
 from ..evalset import EvalSet
 
@@ -125,15 +126,11 @@ def single_threaded(device: torch.device | None = None) -> Iterator[None]:
     """Small dense solves on one thread: with two OpenMP threads a prototype's 2-3 ms ridge
     solve sometimes took 184 ms. Setting torch's thread count is cheap (~0.2 µs). A no-op
     for work on an accelerator ``device``."""
-    n = torch.get_num_threads()
-    if n == 1 or (device is not None and device.type != "cpu"):
+    if device is not None and device.type != "cpu":
         yield
         return
-    torch.set_num_threads(1)
-    try:
+    with torch_threads(1):
         yield
-    finally:
-        torch.set_num_threads(n)
 
 
 #: Candidates' outputs are scored in groups of at most this many bytes of work (larger

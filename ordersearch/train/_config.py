@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..errors import OrderSearchError, one_line
 from ..order import Order
 from ._mixing import TemperatureSchedule
@@ -97,6 +99,8 @@ class TrainConfig:
             starting point of every task's order.
         finetune: With ``warm_start``: ``order`` (blocks frozen; order logits and head
             trained) or ``all`` (everything trained).
+        threads: torch threads while training (default: as they are; recorded resolved in
+            ``config.json``, as the weights a seed gives depend on it).
 
     Example:
         >>> cfg = TrainConfig.from_dict({"tasks": ["digits", "digits:invert"], "head": "shared"})
@@ -132,6 +136,7 @@ class TrainConfig:
     checkpoint_every: int = 1
     warm_start: str | None = None
     finetune: str = "order"
+    threads: int | None = None
 
     def __post_init__(self) -> None:
         tasks = self.tasks
@@ -153,6 +158,8 @@ class TrainConfig:
         for key, allowed in choices.items():
             if getattr(self, key) not in allowed:
                 raise OrderSearchError(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
+        if self.threads is not None and self.threads < 1:
+            raise OrderSearchError(f"threads must be >= 1, got {self.threads}")
         if self.n_blocks < 1 or self.epochs < 0 or self.harden_epochs < 0 or self.batch_size < 1:
             raise OrderSearchError("n_blocks and batch_size must be >= 1; epochs and harden_epochs >= 0")
         for o in self.fixed_orders().values():
@@ -205,8 +212,10 @@ class TrainConfig:
         return d
 
     def resolved(self) -> dict[str, Any]:
-        """``to_dict`` plus the derived depth and norm."""
-        return {**self.to_dict(), "resolved": {"depth": self.resolved_depth, "norm": self.resolved_norm}}
+        """``to_dict`` plus the derived depth and norm, and the torch thread count training
+        runs with (the weights a seed gives depend on it)."""
+        return {**self.to_dict(), "resolved": {"depth": self.resolved_depth, "norm": self.resolved_norm,
+                                               "threads": self.threads or torch.get_num_threads()}}
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainConfig:

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from .._io import atomic_path, write_atomic
+from .._threads import torch_threads
 from ..adapters.compositional import CompositionalConfig, CompositionalNet, PositionalBatchNorm2d
 from ..bank import Bank
 from ..errors import OrderSearchError
@@ -264,8 +265,8 @@ class _Run:
         state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=True)
         if state.get("config") != self.config.resolved():
             raise OrderSearchError(
-                f"{self.checkpoint_path} was written with other settings; use another out folder "
-                "or resume=False to start over"
+                f"{self.checkpoint_path} was written with other settings; use another out folder, "
+                "or start over with --restart (Python: resume=False)"
             )
         self.model.load_state_dict(state["model"])
         self.opt.load_state_dict(state["optimizer"])
@@ -282,6 +283,10 @@ class _Run:
 
     # --- the loop -----------------------------------------------------------------------
     def run(self, resume: bool) -> TrainResult:
+        with torch_threads(self.config.resolved()["resolved"]["threads"]):
+            return self._run(resume)
+
+    def _run(self, resume: bool) -> TrainResult:
         start = time.perf_counter()
         c = self.config
         self.out.mkdir(parents=True, exist_ok=True)

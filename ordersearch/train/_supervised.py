@@ -10,10 +10,13 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from .._threads import torch_threads
 
 __all__ = ["FitConfig", "fit_classifier", "accuracy"]
 
@@ -31,6 +34,8 @@ class FitConfig:
         weight_decay: AdamW weight decay.
         label_smoothing: Cross-entropy label smoothing.
         seed: Seed of initial shuffling and of any stochastic layer.
+        threads: torch threads while training (None: as they are). The weights a seed gives
+            depend on it: a convolution's weight gradient is summed in per-thread parts.
     """
 
     epochs: int = 20
@@ -39,6 +44,7 @@ class FitConfig:
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
     seed: int = 0
+    threads: int | None = None
 
     def to_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -76,28 +82,34 @@ def fit_classifier(
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     loss_fn = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
     history = []
-    for epoch in range(config.epochs):
-        model.train()
-        total, correct, loss_sum = 0, 0, 0.0
-        for xb, yb in loader:
-            logits = model(xb)
-            loss = loss_fn(logits, yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            loss_sum += loss.item() * len(yb)
-            correct += (logits.argmax(1) == yb).sum().item()
-            total += len(yb)
-        metrics = {"loss": loss_sum / total, "train_accuracy": correct / total}
-        if val is not None:
-            metrics["val_accuracy"] = accuracy(model, *val)
-        history.append(metrics)
-        log.debug("epoch %d: %s", epoch, metrics)
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
+    with torch_threads(config.threads):
+        for epoch in range(config.epochs):
+            history.append(_epoch(model, loader, opt, sched, loss_fn, val))
+            log.debug("epoch %d: %s", epoch, history[-1])
+            if on_epoch is not None:
+                on_epoch(epoch, history[-1])
     model.eval()
     return history
+
+
+def _epoch(model: nn.Module, loader: DataLoader, opt: torch.optim.Optimizer, sched: Any, loss_fn: nn.Module,
+           val: tuple[torch.Tensor, torch.Tensor] | None) -> dict[str, float]:
+    model.train()
+    total, correct, loss_sum = 0, 0, 0.0
+    for xb, yb in loader:
+        logits = model(xb)
+        loss = loss_fn(logits, yb)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss_sum += loss.item() * len(yb)
+        correct += (logits.argmax(1) == yb).sum().item()
+        total += len(yb)
+    metrics = {"loss": loss_sum / total, "train_accuracy": correct / total}
+    if val is not None:
+        metrics["val_accuracy"] = accuracy(model, *val)
+    return metrics
 
 
 @torch.inference_mode()
