@@ -358,3 +358,31 @@ def test_identity_check_compares_pooled_features_under_a_zero_head():
 
     with pytest.raises(BankError, match="pooled features differ"):
         bank_from_model(TwiceNet().eval(), data_config={"input_size": (6,)})
+
+
+def test_offline_pretrained_fails_fast_in_one_line_naming_the_fix(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    with pytest.raises(BankError, match=r"not in the local Hugging Face cache .* \(--checkpoint FILE") as info:
+        load_bank("timm:vit_tiny_patch16_224", pretrained=True)
+    assert "\n" not in str(info.value)
+
+
+def test_pretrained_weights_in_the_local_cache_load_offline(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    torch.manual_seed(3)
+    trained = timm.create_model("vit_tiny_patch16_224", depth=2)  # timm's default tag, 2 of its 12 blocks
+    repo = tmp_path / "hub" / "models--timm--vit_tiny_patch16_224.augreg_in21k_ft_in1k"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("0" * 40)
+    snapshot = repo / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in trained.state_dict().items()}, str(snapshot / "model.safetensors"))
+    bank = load_bank("timm:vit_tiny_patch16_224", pretrained=True, depth=2)
+    assert torch.equal(bank.blocks[1].attn.qkv.weight, trained.blocks[1].attn.qkv.weight)

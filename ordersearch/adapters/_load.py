@@ -142,6 +142,55 @@ def build_source_model(
         return _build(source, pretrained=pretrained, checkpoint=checkpoint, **model_kwargs)
 
 
+_WEIGHT_FILES = ("model.safetensors", "open_clip_model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin")
+
+
+@contextlib.contextmanager
+def _hub_weights(name: str, kwargs: dict[str, Any], pretrained: bool, *, timeout: float = 3.0) -> Iterator[None]:
+    """Before timm asks the Hugging Face hub for pretrained weights: when they are in the local
+    cache and the hub cannot be reached, load them from the cache at once (no retries); when
+    they are in neither, fail in one line (offline, timm retried for ~50 s and printed 45
+    lines before its error)."""
+    overlay = kwargs.get("pretrained_cfg_overlay") or {}
+    if not pretrained or overlay.get("file") or overlay.get("state_dict"):
+        yield
+        return
+    from huggingface_hub import constants, try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    hub_id = getattr(get_pretrained_cfg(name), "hf_hub_id", None)
+    if not hub_id:  # a plain URL: timm's own download, which fails fast
+        yield
+        return
+    repo, _, revision = hub_id.partition("@")
+    cached = any(isinstance(try_to_load_from_cache(repo, f, revision=revision or None), str) for f in _WEIGHT_FILES)
+    offline = constants.HF_HUB_OFFLINE or not _reachable(constants.ENDPOINT, timeout)
+    if offline and not cached:
+        raise BankError(
+            f"timm's pretrained weights for {name} are not in the local Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}) and the hub cannot be reached; pass the weights as a file "
+            "(--checkpoint FILE, Python: checkpoint=) or put them in that cache")
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = before or offline
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
+def _reachable(url: str, timeout: float) -> bool:
+    """True if a TCP connection to ``url``'s host opens within ``timeout`` seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    parts = urlparse(url)
+    try:
+        with socket.create_connection((parts.hostname or "", parts.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _build(source: str, *, pretrained: bool, checkpoint: str | Path | None, **model_kwargs: Any) -> torch.nn.Module:
     scheme, _, name = source.partition(":")
     if scheme == "timm":
@@ -159,7 +208,7 @@ def _build(source: str, *, pretrained: bool, checkpoint: str | Path | None, **mo
                 raise BankError(f"checkpoint {checkpoint} does not exist")
             kwargs["checkpoint_path"] = str(checkpoint)  # timm loads it with weights_only=True
         try:
-            with _quiet_unpickler():
+            with _quiet_unpickler(), _hub_weights(name, kwargs, pretrained and checkpoint is None):
                 return timm.create_model(name, pretrained=pretrained, **kwargs).eval()
         except pickle.UnpicklingError:
             raise BankError(_refused(checkpoint)) from None
