@@ -57,8 +57,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="also rebuild the model the spec names (its bank file, or source and weights)")
     show.add_argument("--json", action="store_true", help="print the spec as JSON")
 
-    train = sub.add_parser("train", help="train a bank the paper's way: shared blocks, per-task soft orders")
-    train.add_argument("--config", help="JSON or YAML file of training settings")
+    train = sub.add_parser("train", help="train a bank the paper's way: shared blocks, per-task soft orders",
+                           epilog=_train_config_help(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    train.add_argument("--config", help="JSON or YAML file of training settings (format below)")
     train.add_argument("--task", action="append", default=[], metavar="[NAME=]DATA",
                        help="a task's data spec (repeat for several tasks), e.g. rot=digits:rotate=30")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -71,6 +72,29 @@ def _parser() -> argparse.ArgumentParser:
 
     add_commands(sub)
     return p
+
+
+_TRAIN_CONFIG_HELP = """\
+--config FILE (.yaml/.yml read as YAML, anything else as JSON) is a mapping of settings;
+unknown keys are errors, --task and --set override it. For example:
+
+  tasks:                      # [name=]data-spec, or {name: .., data: .., order: ..}
+    - digits
+    - rot=digits:rotate=30
+  n_blocks: 4                 # K shared blocks
+  depth: 6                    # L positions per order (> K reuses blocks)
+  epochs: 10
+  temperature: {start: 1.0, end: 0.05, shape: cosine}
+  threads: 1                  # torch threads: the weights a seed gives depend on it
+
+Keys: %s.
+Their meaning: the README's "Train banks the paper's way", or help(ordersearch.train.TrainConfig)."""
+
+
+def _train_config_help() -> str:
+    from .train import TrainConfig
+
+    return _TRAIN_CONFIG_HELP % ", ".join(f.name for f in fields(TrainConfig))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

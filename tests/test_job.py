@@ -137,6 +137,7 @@ def test_the_baseline_is_always_a_finalist_and_the_choice_is_made_on_select(tmp_
     assert result.chosen.select == max(f.select for f in result.finalists)
     assert [f.select for f in result.finalists] == sorted((f.select for f in result.finalists), reverse=True)
     assert result.verdict in ("improved", "within noise", "worse") and result.summary().endswith(result.verdict)
+    assert result.summary().startswith("best " if result.verdict == "improved" else "no better order found: ")
     assert result.winners_curse == pytest.approx(result.chosen.search - result.chosen.select)
     # the result is written once into the study and read back whole
     study = optuna.load_study(study_name="s", storage=f"sqlite:///{tmp_path / 's.db'}")
@@ -164,6 +165,16 @@ def test_adapt_judges_with_the_head_and_reports_the_unmodified_model():
     assert result.truth == "head" and result.test_interval is not None and result.test_interval.metric == "head"
     assert result.select_interval.metric == "infomax" and result.reference is not None
     assert "target statistics" in result.baseline_name
+
+
+def test_target_norm_on_a_bank_without_batchnorm_warns_and_says_so_in_the_report(caplog, tmp_path):
+    bank = load_bank("timm:vit_tiny_patch16_224", seed=0, **dict(VIT, img_size=16, patch_size=4, num_classes=10))
+    data = load("digits:n=200", bank.data_config)
+    with caplog.at_level("WARNING", logger="ordersearch"):
+        result = SearchJob(bank=bank, data=data, objective="infomax", searcher="random", n_trials=3,
+                           engine=EngineConfig(norm="target"), selection=SelectionConfig(reliability_orders=0)).run()
+    assert any("has no BatchNorm layers" in r.getMessage() for r in caplog.records)
+    assert any("--norm target" in n and "no BatchNorm" in n for n in result.notes)
 
 
 # --- specs rebuild real models ---------------------------------------------------------------

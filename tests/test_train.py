@@ -222,3 +222,17 @@ def test_finetune_order_from_a_spec(run, tmp_path):
         assert result.model(torch.randn(2, 1, 16, 16)).shape == (2, 10)
     out = train_bank(["rot=digits:rotate=30,n=200"], warm_start=str(spec_path), epochs=1, out=tmp_path)
     assert (tmp_path / "orders" / "rot.json").is_file() and "rot" in out.orders
+
+
+def test_the_config_format_in_train_help_is_valid_and_unknown_keys_are_refused(tmp_path, capsys):
+    from ordersearch.cli import _train_config_help
+    from ordersearch.train import load_train_config
+
+    text = _train_config_help()
+    example = "\n".join(line[2:] for line in text.splitlines() if line.startswith("  "))
+    (tmp_path / "c.yaml").write_text(example)
+    config = load_train_config(tmp_path / "c.yaml")
+    assert [t.name for t in config.tasks] == ["digits", "rot"] and config.depth == 6 and config.threads == 1
+    (tmp_path / "bad.yaml").write_text(example + "\ndepht: 3\n")
+    with pytest.raises(OrderSearchError, match="'depht': did you mean 'depth'"):
+        load_train_config(tmp_path / "bad.yaml")

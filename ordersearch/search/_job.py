@@ -37,6 +37,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ..data import Data, stratified_split
 from ..engine import DEFAULT_LABELLED, EngineConfig, get_objective
+from ..engine._norm import batchnorm_modules
 from ..errors import DataError
 from ..evalset import EvalSet
 from ..order import Order
@@ -50,6 +51,9 @@ from ._search import search
 __all__ = ["Finalist", "JobResult", "RESULT_KEY", "SearchJob", "SelectionConfig", "Splits", "make_splits"]
 
 log = logging.getLogger("ordersearch")
+
+_NO_NORM = ("norm='target' (--norm target) re-estimates BatchNorm statistics, but this bank has no BatchNorm "
+            "layers: its scores are those of norm='source'")
 
 #: The study user attribute that holds a finished job's :class:`JobResult` (``to_dict()``).
 RESULT_KEY = "ordersearch_result"
@@ -265,13 +269,16 @@ class JobResult:
 
     def summary(self) -> str:
         """The one verdict line, e.g. ``best 1-5-3-5-2 +0.206 (95% CI +0.170..+0.240) over the
-        identity on 359 held-out test images (probe): improved``."""
+        identity on 359 held-out test images (probe): improved``; it starts with ``no better
+        order found`` unless the verdict is ``improved``."""
         iv = self.deciding
         if self.chosen.order == self.baseline.order:
             return (f"no better order found: the {self.baseline_name} {self.baseline.order} scored best on "
                     f"{self.sizes.get('select', 0)} held-out select images ({self.objective}): {WITHIN_NOISE}")
-        return (f"best {self.chosen.order} {iv.text()} over the {self.baseline_name} on {iv.n} held-out "
+        line = (f"{self.chosen.order} {iv.text()} over the {self.baseline_name} on {iv.n} held-out "
                 f"{iv.split} images ({iv.metric}): {self.verdict}")
+        # an order that only ties (or loses) is never reported as a result
+        return f"best {line}" if self.verdict == "improved" else f"no better order found: the best candidate {line}"
 
     def table(self) -> pd.DataFrame:
         """One row per finalist: order, depth, search, select and test scores."""
@@ -423,6 +430,9 @@ class SearchJob:
         objective = get_objective(self.objective)
         splits = self.splits()
         bank, sel = self.bank, self.selection
+        no_norm = self.engine.norm == "target" and not batchnorm_modules(bank)
+        if no_norm:
+            log.warning("%s", _NO_NORM)
         if self.jobs > 1:
             _parallel(self)
         found = (replace(self, progress=False) if self.jobs > 1 else self).work()  # with jobs: budget met
@@ -450,7 +460,7 @@ class SearchJob:
 
         # test: the truth (labelled) on held-out images, judged but never used to choose
         truth, test_scores, test_iv, reference = None, {}, None, None
-        notes = list(splits.notes)
+        notes = list(splits.notes) + ([_NO_NORM] if no_norm else [])
         if splits.test is not None and objective.truth:
             truth = get_objective(objective.truth)
             try:

@@ -224,7 +224,12 @@ class TrainConfig:
         data = {k: v for k, v in data.items() if k != "resolved"}
         unknown = set(data) - known
         if unknown:
-            raise OrderSearchError(f"unknown training settings {sorted(unknown)}; known: {', '.join(sorted(known))}")
+            import difflib
+
+            close = {k: difflib.get_close_matches(k, known, n=1) for k in sorted(unknown)}
+            hint = "; ".join(f"{k!r}: did you mean {c[0]!r}?" for k, c in close.items() if c)
+            raise OrderSearchError(f"unknown training settings {sorted(unknown)}" + (f" ({hint})" if hint else "")
+                                   + f"; known: {', '.join(sorted(known))}")
         hints = typing.get_type_hints(cls)
         kwargs = {k: _coerce(k, v, hints[k]) for k, v in data.items()}
         return cls(**kwargs)
