@@ -238,3 +238,17 @@ def test_export_of_a_timm_bank_with_model_args_rebuilds_the_same_model(tmp_path,
     assert "matches the bank" in shown and "verdict" in shown
     # show and export take the bank options search takes
     assert main(["show", str(exported / "best_order.json"), "--bank", "timm:vit_tiny_patch16_224", *args]) == 0
+
+
+def test_a_folder_without_a_test_split_says_so_in_the_report(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 45), ("val", 24)):
+        for i in range(n):
+            d = tmp_path / "imgs" / split / f"c{i % 3}"
+            d.mkdir(parents=True, exist_ok=True)
+            Image.fromarray((rng.random((16, 16)) * 80 + 60 * (i % 3)).astype(np.uint8)).save(d / f"{i}.png")
+    rc = main(["search", "--bank", "isoresnet:width=8,blocks=3,classes=3", "--data", str(tmp_path / "imgs"),
+               "--trials", "4", "--out", str(tmp_path / "out"), "--no-progress"])
+    assert rc == 0
+    note = "has no test split: no held-out accuracy; the verdict is read on select"
+    assert note in capsys.readouterr().out and note in (tmp_path / "out" / "report.md").read_text()

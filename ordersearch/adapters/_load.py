@@ -87,7 +87,8 @@ def load_bank(
         path = path / "bank.safetensors"
     if path.suffix == ".safetensors" or path.exists():
         if model_kwargs or pretrained or checkpoint:
-            raise BankError("a saved bank takes no model arguments, pretrained= or checkpoint=")
+            raise BankError("a saved bank takes no model arguments, pretrained weights or checkpoint "
+                            "(--model-arg, --pretrained, --checkpoint; Python: model kwargs, pretrained=, checkpoint=)")
         return _load_saved(path, data_config=data_config, verify=verify)
     model = build_source_model(text, pretrained=pretrained, checkpoint=checkpoint, seed=seed, **model_kwargs)
     bank = bank_from_model(
@@ -219,7 +220,8 @@ def _build(source: str, *, pretrained: bool, checkpoint: str | Path | None, **mo
             raise BankError(f"timm could not create {name} with {what}: {one_line(exc)}") from None
     if scheme in _SOURCES:
         if pretrained:
-            raise BankError(f"{scheme} has no pretrained weights; pass checkpoint= or train one")
+            raise BankError(f"{scheme} has no pretrained weights; pass a checkpoint (--checkpoint FILE, Python: "
+                          "checkpoint=) or train one")
         build, _, example = _SOURCES[scheme]
         if model_kwargs:
             raise BankError(f"{scheme} takes its settings in the source text, e.g. {example}")
