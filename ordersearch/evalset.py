@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,6 +66,26 @@ class EvalSet:
     def from_tensors(cls, x: torch.Tensor, y: torch.Tensor | None = None, **kwargs: Any) -> EvalSet:
         """An EvalSet from in-memory tensors (same arguments as the constructor)."""
         return cls(torch.as_tensor(x), None if y is None else torch.as_tensor(y), **kwargs)
+
+    @classmethod
+    def from_npy(cls, path: str | Path, y: torch.Tensor | None = None, **kwargs: Any) -> EvalSet:
+        """An EvalSet whose images stay on disk: ``path`` is a ``.npy`` file of preprocessed
+        float32 images (N, C, H, W), memory-mapped, so only the images a block forward reads
+        are in memory (with the engine's shards, memory is set by its cache budget, not by N).
+        Write one in chunks with ``numpy.lib.format.open_memmap(path, "w+", np.float32, shape)``.
+        Derived sets (:meth:`subset`, :meth:`select`, ...) are copies in memory."""
+        import numpy as np
+
+        path = Path(path)
+        if not path.is_file():
+            raise DataError(f"no such file: {path}")
+        try:
+            array = np.load(path, mmap_mode="c")  # copy-on-write: writable, never written back
+        except ValueError as exc:
+            raise DataError(f"{path} is not a .npy array file ({exc})") from None
+        if array.dtype != np.float32 or array.ndim < 2:
+            raise DataError(f"{path}: expected float32 images (N, C, H, W), got {array.dtype} {array.shape}")
+        return cls(torch.from_numpy(array), y, **{"name": path.name, **kwargs})
 
     @classmethod
     def with_split(
@@ -145,9 +166,10 @@ class EvalSet:
             if t is None:
                 h.update(b"none")
                 continue
-            t = t.detach().to("cpu").contiguous()
             h.update(f"{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+            for start in range(0, max(len(t), 1), 256):  # in chunks: a memory-mapped x stays on disk
+                part = t[start : start + 256].detach().to("cpu").contiguous()
+                h.update(part.reshape(-1).view(torch.uint8).numpy().tobytes())
         return h.hexdigest()
 
     def describe(self) -> dict[str, Any]:

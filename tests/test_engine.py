@@ -605,3 +605,78 @@ def test_blocks_that_write_into_the_cache_buffer_skip_the_copy(banks, data, monk
     assert len(calls) == 3 * math.ceil(len(evalset) / 32)  # every chunk of every block
     spans = [(t.data_ptr(), t.data_ptr() + t.nbytes) for t in engine.cache_tensors()]
     assert len(spans) == 3 and all(any(a <= p < b for a, b in spans) for p in calls)  # into cached buffers
+
+
+# --- shards: memory set by the budget, not by the number of images ----------------------------
+
+def _shard_problem(n: int):
+    bank = load_bank("isoresnet:width=8,blocks=4,classes=10")
+    return bank, _digits(n, 16, 1)
+
+
+@pytest.mark.parametrize("objective", ["probe", "head", "infomax"])
+def test_sharded_scores_equal_unsharded(objective):
+    bank, es = _shard_problem(320)
+    orders = _random_orders(4, 24, seed=5, max_len=6)
+    kw = dict(cache_bytes=2**22, batch_size=32, device="cpu", dtype=torch.float32)
+    whole = Engine(bank, es, objective, shard_images=0, **kw)
+    sharded = Engine(bank, es, objective, shard_images=64, **kw)
+    a = [s.value for s in whole.evaluate(orders)]
+    b = [s.value for s in sharded.evaluate(orders[:10])] + [s.value for s in sharded.evaluate(orders[10:])]
+    assert a == b  # shard boundaries fall on batch boundaries: the same block forwards, bit for bit
+    assert torch.equal(whole.outputs(orders[0]), sharded.outputs(orders[0]))
+    assert sharded._levels[len(es)].shards is not None and len(sharded._levels[len(es)].shards) == 5
+    # block forwards are counted over all images: a shard's count as its share
+    assert sharded.stats.naive_block_evals == whole.stats.naive_block_evals
+
+
+def test_sharded_memory_does_not_grow_with_the_number_of_images():
+    peaks = []
+    for n in (256, 1024):
+        bank, es = _shard_problem(n)
+        engine = Engine(bank, es, "probe", cache_bytes=2**20, batch_size=32, device="cpu", shard_images=64)
+        engine.evaluate(_random_orders(4, 16, seed=1, max_len=6))
+        engine.evaluate(_random_orders(4, 16, seed=2, max_len=6))
+        node = 64 * math.prod(bank.data_config["block_shape"]) * 4
+        # the budget, one shard's path (stem output + 6 positions + one being filled) and no more
+        assert engine.stats.live_bytes_peak <= 2**20 + 8 * node
+        peaks.append(engine.stats.live_bytes_peak)
+    assert peaks[1] <= peaks[0] * 1.05, peaks  # 4x the images, the same memory
+
+
+def test_shards_are_automatic_when_the_data_outgrows_the_budget():
+    bank, es = _shard_problem(640)  # 640 images x 8 KiB per activation = 5 MiB a prefix
+    engine = Engine(bank, es, "entropy", cache_bytes=8 * 2**20, batch_size=32, device="cpu")
+    engine.evaluate(["0-1-2"])
+    shards = engine._levels[640].shards
+    assert shards is not None and [s.n for s in shards] == [64] * 10  # (8 MiB / 16) / 8 KiB images per shard
+    small = Engine(bank, _digits(64, 16, 1), "entropy", cache_bytes=8 * 2**20, batch_size=32, device="cpu")
+    small.evaluate(["0-1-2"])
+    assert small._levels[64].shards is None
+
+
+def test_shards_need_source_statistics():
+    bank, es = _shard_problem(128)
+    with pytest.raises(ValueError, match="shard_images needs norm='source'"):
+        Engine(bank, es, "infomax", norm="target", shard_images=64)
+
+
+def test_a_memory_mapped_evalset_scores_as_one_in_memory(tmp_path):
+    import numpy as np
+    from numpy.lib.format import open_memmap
+
+    bank, es = _shard_problem(256)
+    out = open_memmap(tmp_path / "x.npy", "w+", np.float32, tuple(es.x.shape))
+    for a in range(0, len(es), 100):  # written in chunks, as a large folder would be
+        out[a : a + 100] = es.x[a : a + 100].numpy()
+    out.flush()
+    del out
+    mapped = EvalSet.from_npy(tmp_path / "x.npy", es.y)
+    assert isinstance(mapped.x, torch.Tensor) and mapped.digest == es.digest
+    orders = _random_orders(4, 12, seed=9, max_len=5)
+    kw = dict(cache_bytes=2**20, batch_size=32, device="cpu", shard_images=64)
+    assert [s.value for s in Engine(bank, mapped, "probe", **kw).evaluate(orders)] == \
+        [s.value for s in Engine(bank, es, "probe", **kw).evaluate(orders)]
+    (tmp_path / "bad.npy").write_bytes(b"not an array")
+    with pytest.raises(DataError, match="is not a .npy array file"):
+        EvalSet.from_npy(tmp_path / "bad.npy")

@@ -47,20 +47,37 @@ _SCORE_BATCH = 64  # candidates scored in one objective call, at most
 _SCORE_BYTES = 32 * 2**20  # and their outputs' bytes
 
 
-class _Level:
-    """One EvalSet the engine scores on: the full set or a nested subset (a fidelity)."""
+def _slices(n: int, batch_size: int) -> list[slice]:
+    return [slice(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
 
-    def __init__(self, index: int, evalset: EvalSet, state: Any, batch_size: int) -> None:
+
+class _Level:
+    """One EvalSet the engine scores on: the full set or a nested subset (a fidelity). A
+    level too large for the cache budget is cut into **shards**, consecutive image ranges
+    each walked as a level of its own (``evalset`` None, ``state`` None): their outputs are
+    concatenated and scored on the parent level."""
+
+    def __init__(self, index: int, evalset: EvalSet | None, state: Any, batch_size: int,
+                 x: torch.Tensor | None = None) -> None:
         self.index = index
         self.evalset = evalset
-        self.n = len(evalset)
+        self.x = evalset.x if evalset is not None else x
+        assert self.x is not None
+        self.n = len(self.x)
         self.state = state
-        self.slices = [slice(s, min(s + batch_size, self.n)) for s in range(0, self.n, batch_size)]
+        self.slices = _slices(self.n, batch_size)
         self.root: Handle | None = None
         self.seen: set[tuple[int, ...]] = set()
         self.memo: OrderedDict[tuple[int, ...], Score] = OrderedDict()
         self.poison: dict[Key, str] = {}
         self.bn_stats: OrderedDict[Key | tuple[str, Key], BNStats] = OrderedDict()
+        self.shards: list[_Level] | None = None
+        self.share = 1.0  # of its parent's images: a block forward here is this much of one there
+
+    @property
+    def walked(self) -> list[_Level]:
+        """The levels the walks run on: the shards, or this level itself."""
+        return self.shards or [self]
 
 
 class Engine:
@@ -88,6 +105,15 @@ class Engine:
         check_finite: Fail candidates whose outputs are not finite, naming the first block
             of the path whose activation was not (checked on the outputs, so a block
             forward pays nothing for it, and along the path only when they fail).
+        shard_images: Walk the EvalSet in shards of at most this many images, each with
+            prefixes cached on its own, and score the concatenated outputs: memory is then
+            set by ``cache_bytes`` and one shard's path, not by the number of images (the
+            images themselves may be memory-mapped: :meth:`EvalSet.from_npy`). None: shards
+            when one prefix activation over all images would take more than a quarter of
+            ``cache_bytes`` and the budget holds 16 over ``batch_size`` images (shards then
+            take ``cache_bytes / 16`` each); 0: never. Needs
+            ``norm="source"`` (target statistics are taken over all images at once). Scores
+            do not depend on it except through float rounding.
 
     Example:
         >>> import ordersearch, torch
@@ -114,6 +140,7 @@ class Engine:
         policy: str | CachePolicy = "gdsf",
         memo: bool = True,
         check_finite: bool = True,
+        shard_images: int | None = None,
     ) -> None:
         self.objective = get_objective(objective)
         if self.objective.needs_labels and not evalset.has_labels:
@@ -133,6 +160,11 @@ class Engine:
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.norm = norm
+        if shard_images is not None and shard_images < 0:
+            raise ValueError(f"shard_images must be >= 0 or None, got {shard_images}")
+        if shard_images and norm == "target":
+            raise ValueError("shard_images needs norm='source': target statistics are taken over all images at once")
+        self.shard_images = shard_images
         self.bank = bank.to(self.device).freeze()
         self.evalset = evalset
         self.memo = memo
@@ -158,6 +190,8 @@ class Engine:
         self._retain: list[tuple[int, ...]] = []
         self._protect_dirty = False
         self._calibrated = False
+        self._next_index = 0
+        self._block_units = 0.0  # block forwards over whole levels (a shard's count as its share)
 
     # --- public API ---------------------------------------------------------------------
     @property
@@ -192,7 +226,8 @@ class Engine:
         if retain is not None:
             self.retain(retain)
         if self._protect_dirty:
-            self.cache.protect(_retained_keys([lv.index for lv in self._levels.values()], self._retain))
+            indices = [w.index for lv in self._levels.values() for w in lv.walked]
+            self.cache.protect(_retained_keys(indices, self._retain))
             self._protect_dirty = False
         st = self.stats
         st.candidates += len(parsed)
@@ -209,9 +244,6 @@ class Engine:
         results: dict[tuple[int, ...], Score] = {}
         if todo:
             with torch.inference_mode(), self._autocast():
-                root = self._root(level)
-                keys = sorted((level.index, *ids) for ids in todo)
-
                 by_ids = {o.ids: o for o in parsed}
                 # scored together once their block forwards are done: the objective batches its
                 # small operations, and the block forwards run back to back
@@ -224,27 +256,17 @@ class Engine:
                     pending.clear()
                     pending_bytes = 0
 
-                def finish(key: Key, path: list[tuple[Key, Handle]] | None, failed: str | None) -> Bad:
+                def ready(ids: tuple[int, ...], outputs: torch.Tensor) -> None:
                     nonlocal pending_bytes
-                    order = by_ids[key[1:]]
-                    if path is None:
-                        results[order.ids] = self._failed(order, level, failed or "failed")
-                        return None
-                    outputs, reason, bad = self._checked_outputs(level, key, path)
-                    if reason is not None:
-                        results[order.ids] = self._failed(order, level, reason)
-                    else:
-                        pending.append((order, outputs))
-                        pending_bytes += outputs.nbytes
-                        if len(pending) >= _SCORE_BATCH or pending_bytes >= _SCORE_BYTES:
-                            score_pending()
-                    return bad
+                    pending.append((by_ids[ids], outputs))
+                    pending_bytes += outputs.nbytes
+                    if len(pending) >= _SCORE_BATCH or pending_bytes >= _SCORE_BYTES:
+                        score_pending()
 
-                hits, planned = walk(
-                    keys, self.cache, self.pool, root, functools.partial(self._compute, level), finish, level.poison
-                )
-                st.cache_hits += hits
-                st.plan_seconds += planned
+                def failed(ids: tuple[int, ...], reason: str) -> None:
+                    results[ids] = self._failed(by_ids[ids], level, reason)
+
+                self._walk(level, sorted(todo), ready, failed)
                 if pending:
                     score_pending()
             if self.memo:
@@ -294,28 +316,16 @@ class Engine:
         """The (N, D) pooled features or (N, C) head logits (what the objective reads) of one
         order, float32 on the CPU, computed through the cache like any candidate."""
         level = self._level(n_images)
-        key = (level.index, *Order.parse(order).validate(self.bank.n_blocks, min_len=0).ids)
-        self._see(level, key[1:])
+        ids = Order.parse(order).validate(self.bank.n_blocks, min_len=0).ids
+        self._see(level, ids)
         found: list[torch.Tensor] = []
         failure: list[str] = []
-
-        def finish(k: Key, path: list[tuple[Key, Handle]] | None, failed: str | None) -> Bad:
-            if path is None:
-                failure.append(failed or "failed")
-                return None
-            outputs, reason, bad = self._checked_outputs(level, k, path)
-            found.append(outputs)
-            if reason is not None:
-                failure.append(reason)
-            return bad
-
         with torch.inference_mode(), self._autocast():
-            root = self._root(level)
-            walk([key], self.cache, self.pool, root, functools.partial(self._compute, level), finish, level.poison)
+            self._walk(level, [ids], lambda _, out: found.append(out), lambda _, why: failure.append(why))
         self._sum_events()
         self._update_memory_stats()
         if failure:
-            raise ValueError(f"order {Order(key[1:])}: {failure[0]}")
+            raise ValueError(f"order {Order(ids)}: {failure[0]}")
         return found[0]
 
     def retain(self, prefixes_: Iterable[Order | str | Sequence[int]]) -> None:
@@ -327,6 +337,7 @@ class Engine:
         """Zero the counters and timers (the cache and the seen prefixes are kept, so
         ``min_block_evals`` counts only prefixes new since the reset)."""
         self.stats = EngineStats()
+        self._block_units = 0.0
         for level in self._levels.values():
             level.seen.clear()
         self.cache.peak_bytes = self.cache.bytes
@@ -337,8 +348,9 @@ class Engine:
         """Free cached activations, stem outputs, memos and statistics."""
         self.cache.clear()
         for level in self._levels.values():
-            if level.root is not None:
-                level.root.release()
+            for w in level.walked:
+                if w.root is not None:
+                    w.root.release()
         self._levels.clear()
         self.pool.clear()
 
@@ -347,6 +359,71 @@ class Engine:
         return self.cache.tensors()
 
     # --- internals ----------------------------------------------------------------------
+    def _walk(self, level: _Level, ids: list[tuple[int, ...]], ready: Callable[[tuple[int, ...], torch.Tensor], None],
+              failed: Callable[[tuple[int, ...], str], None]) -> None:
+        """Walk the sorted, distinct ``ids`` over ``level``: ``ready(ids, outputs)`` with each
+        candidate's outputs over all the level's images, or ``failed(ids, reason)``. A sharded
+        level is walked shard by shard (each shard's stem output given back after its walk),
+        and a candidate's outputs are the concatenation of its shards'."""
+        if level.shards is None:
+            self._walk_one(level, ids, ready, failed)
+            return
+        parts: dict[tuple[int, ...], list[torch.Tensor]] = {i: [] for i in ids}
+        reasons: dict[tuple[int, ...], str] = {}
+        for shard in level.shards:
+            alive = [i for i in ids if i not in reasons]
+            if not alive:
+                break
+            self._walk_one(shard, alive, lambda i, out: parts[i].append(out), reasons.setdefault)
+            if shard.root is not None:
+                shard.root.release()
+                shard.root = None
+        for i in ids:
+            if i in reasons:
+                failed(i, reasons[i])
+            else:
+                ready(i, torch.cat(parts.pop(i)))
+
+    def _walk_one(self, level: _Level, ids: list[tuple[int, ...]],
+                  ready: Callable[[tuple[int, ...], torch.Tensor], None],
+                  failed: Callable[[tuple[int, ...], str], None]) -> None:
+        def finish(key: Key, path: list[tuple[Key, Handle]] | None, why: str | None) -> Bad:
+            if path is None:
+                failed(key[1:], why or "failed")
+                return None
+            outputs, reason, bad = self._checked_outputs(level, key, path)
+            if reason is not None:
+                failed(key[1:], reason)
+            else:
+                ready(key[1:], outputs)
+            return bad
+
+        root = self._root(level)
+        keys = [(level.index, *i) for i in ids]
+        hits, planned = walk(keys, self.cache, self.pool, root, functools.partial(self._compute, level), finish,
+                             level.poison)
+        self.stats.cache_hits += hits
+        self.stats.plan_seconds += planned
+
+    def _shard_size(self, n: int) -> int:
+        """Images per shard of a level of ``n`` images (``n``: not sharded)."""
+        if self.shard_images == 0 or self.norm == "target":
+            return n
+        if self.shard_images:
+            return min(n, self.shard_images)
+        per_image = math.prod(self.bank.data_config.get("block_shape") or (0,)) * self.dtype.itemsize
+        capacity = self.cache.capacity
+        # shard when one activation over all images takes over a quarter of the budget, and the
+        # budget holds 16 activations over a batch of images at least (a smaller budget is
+        # a choice to cache little, as the tests make it)
+        if per_image <= 0 or 4 * n * per_image <= capacity or capacity < 16 * self.batch_size * per_image:
+            return n
+        return min(n, capacity // (16 * per_image) // self.batch_size * self.batch_size)
+
+    def _new_index(self) -> int:
+        self._next_index += 1
+        return self._next_index - 1
+
     def _autocast(self) -> Any:
         if self.dtype == torch.float32:
             return contextlib.nullcontext()
@@ -357,7 +434,15 @@ class Engine:
         level = self._levels.get(n)
         if level is None:
             es = self.evalset if n == self.n_images else self.evalset.subset(n)
-            level = _Level(len(self._levels), es, self.objective.prepare(es), self.batch_size)
+            level = _Level(self._new_index(), es, self.objective.prepare(es), self.batch_size)
+            size = self._shard_size(level.n)
+            if size < level.n:
+                level.shards = []
+                for a in range(0, level.n, size):
+                    shard = _Level(self._new_index(), None, None, self.batch_size, x=level.x[a : a + size])
+                    shard.share = shard.n / level.n
+                    level.shards.append(shard)
+                log.info("engine: %d images walked in %d shards of %d", level.n, len(level.shards), size)
             self._levels[n] = level
             self._protect_dirty = bool(self._retain)
         return level
@@ -404,14 +489,14 @@ class Engine:
         level's chunks (a level's size fixes its chunks)."""
         n, shape = key  # type: ignore[misc]
         buffer = torch.empty((n, *shape), dtype=self.dtype, device=self.device)
-        return buffer, [buffer[s] for s in self._levels[n].slices]
+        return buffer, [buffer[s] for s in _slices(n, self.batch_size)]
 
     def _root(self, level: _Level) -> Handle:
         """The stem output of ``level``'s images, computed once."""
         if level.root is not None:
             return level.root
         t0 = time.perf_counter()
-        x = level.evalset.x
+        x = level.x
         if self.device.type == "cuda":
             x = x.pin_memory()
         inputs = [x[s].to(self.device, non_blocking=True) for s in level.slices]
@@ -451,7 +536,8 @@ class Engine:
         else:
             self._forward(block, src, level, key[-1], key, lambda i, y: dst[i].copy_(y))
         st = self.stats
-        st.block_evals += 1
+        self._block_units += level.share
+        st.block_evals = round(self._block_units)
         st.image_block_evals += level.n
         if self._events is not None:  # the kernels have only been queued: time them on the GPU
             end = torch.cuda.Event(enable_timing=True)
