@@ -1,4 +1,5 @@
-"""Shared by the benchmarks: each owns one marked section of benchmarks/RESULTS.md."""
+"""Shared by the benchmarks: each owns one marked section of benchmarks/RESULTS.md, and some
+read their own memory from /proc."""
 
 from __future__ import annotations
 
@@ -16,3 +17,11 @@ def write_section(path: Path, begin: str, end: str, lines: list[str]) -> None:
     else:
         text = text.rstrip("\n") + "\n\n" + section + "\n"
     path.write_text(text)
+
+
+def proc_status(field_name: str) -> int:
+    """Bytes of one field of ``/proc/self/status`` (``VmRSS``, ``VmHWM``, ``RssAnon``...), 0 if absent."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1]) * 1024
+    return 0

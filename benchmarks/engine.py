@@ -43,7 +43,7 @@ sys.path.insert(0, str(HERE / "streams"))
 sys.path.insert(0, str(HERE.parent))
 
 import generate  # noqa: E402  (benchmarks/streams/generate.py)
-from _results import write_section  # noqa: E402  (benchmarks/_results.py)
+from _results import proc_status, write_section  # noqa: E402  (benchmarks/_results.py)
 
 from ordersearch import Order, OrderSpace, build_model, load_bank  # noqa: E402
 from ordersearch.engine import Engine, get_objective  # noqa: E402
@@ -445,13 +445,6 @@ def throughput_table(name, bank, data, streams, n_candidates, facts, batch_size,
 # --- memory -------------------------------------------------------------------------------------
 
 
-def _status(field_name: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field_name + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 def _reset_peak() -> bool:
     try:
         Path("/proc/self/clear_refs").write_text("5")
@@ -498,27 +491,27 @@ def memory_rows(bank, data, batches, budget: int, batch_size: int) -> list[str]:
         return ["\nMemory: /proc/self/clear_refs is not writable here; not measured."]
     naive = Naive(bank, data, "probe", batch_size)
     gc.collect()
-    base = _status("VmRSS")
+    base = proc_status("VmRSS")
     _reset_peak()
     naive.score(Order(list(range(bank.n_blocks))))
-    workspace = _status("VmHWM") - base
+    workspace = proc_status("VmHWM") - base
     rows = [f"\n#### Memory (vit12, evolution stream, budget {budget / 2**20:.0f} MiB, {len(data)} images)\n",
             "| search | RSS before | peak growth | allowed: 1.15 x (budget + path) + workspace | "
             "engine live peak | RSS after clear |", "|---|---|---|---|---|---|"]
     for i in range(3):
         gc.collect()
-        before = _status("VmRSS")
+        before = proc_status("VmRSS")
         _reset_peak()
         engine = Engine(bank, data, "probe", cache_bytes=budget, device="cpu", batch_size=batch_size)
         replay(engine, batches, True)
-        peak = _status("VmHWM") - before
+        peak = proc_status("VmHWM") - before
         path = (bank.n_blocks + 2 + engine.pool.max_free) * node  # path, stem output, free pooled buffers
         allowed = 1.15 * (budget + path) + workspace
         live = engine.stats.live_bytes_peak
         engine.clear()
         del engine
         gc.collect()
-        after = _status("VmRSS")
+        after = proc_status("VmRSS")
         rows.append(f"| {i + 1} | {before / 2**20:.0f} MiB | {peak / 2**20:.0f} MiB | {allowed / 2**20:.0f} MiB "
                     f"({'ok' if peak <= allowed else 'over'}) | {live / 2**20:.0f} MiB | {after / 2**20:.0f} MiB |")
     return rows

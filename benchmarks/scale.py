@@ -33,19 +33,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _results import write_section  # noqa: E402
+from _results import proc_status, write_section  # noqa: E402
 
 BANK = ("timm:vit_small_patch16_224", dict(depth=4, num_classes=10))
 ORDERS = ["0-1", "0-2", "1-0"]
 BUDGET = 256 * 2**20
 BATCH = 32
-
-
-def _anon() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def write_images(path: Path, n: int) -> None:
@@ -74,13 +67,13 @@ def one(path: Path, mode: str) -> dict:
     bank = load_bank(BANK[0], **BANK[1])
     n = int(np.load(path, mmap_mode="r").shape[0])
     y = torch.arange(n) % 10
-    base = _anon()
+    base = proc_status("RssAnon")
     peak = [base]
     stop = threading.Event()
 
     def sample() -> None:
         while not stop.is_set():
-            peak[0] = max(peak[0], _anon())
+            peak[0] = max(peak[0], proc_status("RssAnon"))
             time.sleep(0.01)
 
     sampler = threading.Thread(target=sample, daemon=True)

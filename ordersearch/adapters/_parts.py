@@ -106,6 +106,8 @@ def _same(a: Any, b: Any) -> bool:
             torch.equal(a, b))
     if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
     return bool(a == b)
 
 
@@ -137,8 +139,7 @@ def bind_block_arguments(model: nn.Module, x: torch.Tensor, forward: str = "forw
             raise BankError(f"{name}: some blocks take extra arguments and some do not, so no adapter fits")
         return list(blocks)
     for i, ((args, kwargs),) in enumerate(calls):
-        if not (_same(args, args0) and kwargs.keys() == kwargs0.keys()
-                and all(_same(kwargs[k], kwargs0[k]) for k in kwargs)):
+        if not _same((args, kwargs), (args0, kwargs0)):
             differ = [k for k in kwargs if k not in kwargs0 or not _same(kwargs[k], kwargs0[k])] or ["positional"]
             raise BankError(
                 f"{name}: block {i} gets other arguments than block 0 ({', '.join(differ)}): its computation "

@@ -27,8 +27,10 @@ class Adapter:
         name: Registry name (``vit``, ``convmixer``, ...).
         matches: True for models this adapter handles.
         build: Returns the bank's parts as a dict with keys ``stem``, ``blocks``, ``head``,
-            ``features`` (modules) and optional ``data_config``, ``source_orders`` and
-            ``block_at`` (see :class:`~ordersearch.Bank`).
+            ``features`` (modules) and optional ``data_config``, ``source_orders``,
+            ``block_at`` (see :class:`~ordersearch.Bank`) and ``bind_blocks`` (True: bind
+            each block to the extra arguments its model passes it, see
+            :func:`bind_block_arguments`; done here, once the input size is known).
         description: One line for ``ordersearch adapters``.
     """
 

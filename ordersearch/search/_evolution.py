@@ -30,6 +30,11 @@ from ._random import OrderSampler
 __all__ = ["EvolutionSampler", "EvolutionSearcher"]
 
 
+def gain(study: Study, value: float) -> float:
+    """``value`` signed so that larger is better in ``study``'s direction."""
+    return -value if study.direction == StudyDirection.MINIMIZE else value
+
+
 class EvolutionSampler(OrderSampler):
     """Aging evolution with order mutations and optional crossover.
 
@@ -107,8 +112,7 @@ class EvolutionSampler(OrderSampler):
     def winner(self, study: Study, pop: list[tuple[Order, float]], rng: random.Random) -> Order:
         """The best of ``tournament`` random members, in the study's direction."""
         picks = rng.sample(pop, min(self.tournament, len(pop)))
-        best = min if study.direction == StudyDirection.MINIMIZE else max
-        return best(picks, key=lambda m: m[1])[0]
+        return max(picks, key=lambda m: gain(study, m[1]))[0]
 
 
 @dataclass(frozen=True)
@@ -157,8 +161,7 @@ class EvolutionSearcher(SamplerSearcher):
         sampler = ctx.study.sampler
         if not isinstance(sampler, EvolutionSampler):
             return []
-        sign = 1.0 if ctx.study.direction == StudyDirection.MINIMIZE else -1.0
-        pop = sorted(sampler.members(ctx.trials()), key=lambda m: sign * m[1])
+        pop = sorted(sampler.members(ctx.trials()), key=lambda m: -gain(ctx.study, m[1]))
         return [o for o, _ in pop[: self.tournament]]
 
 
