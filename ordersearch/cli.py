@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    demo = sub.add_parser("demo", help="train a digits bank and reorder it for a shifted domain")
+    demo = sub.add_parser("demo", help="train digits banks and reorder them for a new task and a held-out domain")
     demo.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     from .demo import DemoConfig
 
@@ -154,17 +154,24 @@ def _demo(args: argparse.Namespace) -> int:
         result = run_demo(config, args.out, progress=update)
     finally:
         close()
-    print(f"\nsource bank: {config.bank} trained on {config.source} "
-          f"(test accuracy {result.source_accuracy:.3f}{', reused' if result.bank_reused else ''})")
+    print(f"\ntransfer bank: {config.bank} trained on {config.source} (test accuracy {result.source_accuracy:.3f}); "
+          "multi-source bank: " + ", ".join(f"{k} {v['order']} ({v['test_accuracy']:.3f})"
+                                             for k, v in result.sources.items())
+          + (" (both reused)" if result.bank_reused else ""))
     rows = []
     for name, p in result.parts.items():
         rows.append([name, p.settings.get("data"), f"test {p.truth}", str(p.baseline.order), _fmt(p.baseline.test),
                      str(p.chosen.order), _fmt(p.chosen.test)])
-    print(_table(["part", "data", "metric", "identity", "score", "chosen order", "score"], rows))
+    print(_table(["part", "data", "metric", "baseline", "score", "chosen order", "score"], rows))
     a = result.parts["adapt"]
-    if a.reference is not None:
-        print(f"(adapt: the unmodified source model scores {a.reference:.3f}; both adapt rows re-estimate "
-              "BatchNorm statistics on the target)")
+    if result.comparison:
+        first = next(iter(result.sources), "?")
+        print(f"\nadapt, test accuracy on {a.settings.get('data')} (labels used for this table only):")
+        rows = [[f"unmodified {first} model", str(a.baseline.order), _fmt(a.reference)],
+                [f"AdaBN ({first} order, target statistics)", str(a.baseline.order), _fmt(a.baseline.test)]]
+        rows += [[f"source order {r['name']}" if r["kind"] == "source" else r["name"], r["order"],
+                  _fmt(r["test"])] for r in result.comparison]
+        print(_table(["model", "order", "test accuracy"], rows))
     for name, p in result.parts.items():
         print(f"{name} verdict: {p.summary()}")
     print(f"\nwrote {result.files['report']}, {result.files['search/spec']}, {result.files['adapt/spec']} "

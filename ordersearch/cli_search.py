@@ -70,6 +70,7 @@ class RunConfig:
     pretrained: bool = False
     checkpoint: str | None = None
     model_arg: tuple[str, ...] = ()
+    baseline: str | None = None
 
 
 def add_bank_options(p: argparse.ArgumentParser, *, required: bool) -> None:
@@ -133,6 +134,9 @@ def add_commands(subparsers: Any) -> None:
         p.add_argument("--norm", choices=("source", "target"), default=d["norm"],
                        help=f"BatchNorm statistics: the bank's (source) or re-estimated on the data per order "
                             f"(target, AdaBN; default: {d['norm']})")
+        p.add_argument("--baseline", metavar="ORDER|SOURCE",
+                       help="the order gains are measured against: an order (1-0-2) or a source order's name "
+                            "(a multi-source bank's `plain`: the unmodified model of that domain); default: identity")
         p.add_argument("--reliability-orders", type=int, default=30,
                        help="orders re-scored on two halves of the search part for the report's reliability (30; 0: skip)")
         p.add_argument("--jobs", type=int, default=1,
@@ -271,7 +275,8 @@ def _job(cfg: RunConfig, bank: Any, *, progress: bool, record: bool = True) -> A
                      engine=engine, n_trials=cfg.trials, batch_size=cfg.batch_size, storage=cfg.storage,
                      study_name=cfg.study, selection=selection, seed=cfg.seed, timeout=cfg.timeout,
                      fidelities=fidelities, n_images=cfg.n_images, progress=progress, jobs=cfg.jobs,
-                     run_settings=asdict(replace(cfg, storage=None)) if record else None)  # no password kept
+                     run_settings=asdict(replace(cfg, storage=None)) if record else None,  # no password kept
+                     baseline=cfg.baseline)
 
 
 def _worker(args: argparse.Namespace) -> int:

@@ -236,3 +236,35 @@ def test_the_config_format_in_train_help_is_valid_and_unknown_keys_are_refused(t
     (tmp_path / "bad.yaml").write_text(example + "\ndepht: 3\n")
     with pytest.raises(OrderSearchError, match="'depht': did you mean 'depth'"):
         load_train_config(tmp_path / "bad.yaml")
+
+
+def test_a_search_job_measures_gains_against_a_named_source_order(run):
+    """With a multi-source bank the identity is an order no task ran: the baseline can be a
+    source order, judged with target statistics, and the unmodified model it reports is that
+    order with its own task's statistics."""
+    from ordersearch import EngineConfig, SearchJob, SelectionConfig
+    from ordersearch.data import load
+    from ordersearch.engine import Engine, get_objective
+    from ordersearch.search import SearchError, held_out
+
+    bank = load_bank(run.files["bank"])
+    data = load("digits:invert,rotate=20,n=300", bank.data_config)
+    job = SearchJob(bank=bank, data=data, objective="infomax", searcher="random", n_trials=5,
+                    engine=EngineConfig(norm="target"), selection=SelectionConfig(reliability_orders=0),
+                    baseline="inv")
+    result = job.run()
+    inv = bank.source_orders["inv"]
+    assert result.baseline.order == inv and result.baseline.baseline
+    assert result.baseline_name == "source order 'inv' (target statistics)"
+    assert inv in [f.order for f in result.finalists] and result.settings["baseline"] == str(inv)
+    if result.chosen.order != inv:
+        assert "over the source order 'inv' (target statistics)" in result.summary()
+    splits = job.splits()
+    test_es = held_out(get_objective("head"), splits.search, splits.test)
+    own = Engine(task_bank(bank, "inv"), test_es, "head", norm="source").evaluate([inv])[0].value
+    task0 = Engine(bank, test_es, "head", norm="source").evaluate([inv])[0].value
+    assert result.reference == pytest.approx(own)
+    assert own != task0  # the task-0 statistics would have reported another model
+    with pytest.raises(SearchError, match="baseline 'nope' is neither a source order nor a valid order.*inv"):
+        SearchJob(bank=bank, data=data, objective="infomax", baseline="nope")
+    assert SearchJob(bank=bank, data=data, baseline="2-1").baseline_order()[1] == "order 2-1"

@@ -206,16 +206,18 @@ class JobResult:
 
     Attributes:
         chosen: The returned order: the finalist with the best *select* score.
-        baseline: The order every gain is measured against (the identity; with target
-            statistics for ``norm="target"``).
+        baseline: The order every gain is measured against (the identity unless the job
+            names another, e.g. a multi-source bank's source order; with target statistics for
+            ``norm="target"``).
         finalists: Every re-scored order, best on *select* first.
         verdict: ``improved``, ``within noise`` or ``worse``.
         select_interval: Chosen minus baseline on *select* (the objective).
         test_interval: Chosen minus baseline on *test* (the truth), if labelled test images exist.
         objective, truth: The objective searched and the labelled measure on *test*.
         baseline_name: How the baseline is named in reports.
-        reference: The unmodified source model's truth on *test* (identity with the bank's own
-            statistics) when the job re-estimated them (``norm="target"``).
+        reference: The unmodified source model's truth on *test* (the baseline order with the
+            bank's own statistics: its task's, for a source order of a multi-task bank) when the
+            job re-estimated them (``norm="target"``).
         reliability: Split-half reliability of the objective on *search* (``spearman``,
             ``n_orders``, ``half_size``), or None.
         sizes: Images in *search*, *select*, *test*.
@@ -361,6 +363,9 @@ class SearchJob:
             the held-out selection runs once they have met the budget.
         run_settings: Settings recorded with the study for ``ordersearch worker`` (see
             :func:`search`'s ``run``).
+        baseline: The order gains are measured against: None for the identity, a name of
+            ``bank.source_orders`` (the unmodified model of that source domain: with a
+            multi-source bank the identity is an order no task ran) or an order.
 
     Example:
         >>> import ordersearch
@@ -392,13 +397,30 @@ class SearchJob:
     callbacks: Sequence[Callable[[optuna.Study, FrozenTrial], None]] = ()
     jobs: int = 1
     run_settings: Mapping[str, Any] | None = None
+    baseline: Order | str | None = None
 
     def __post_init__(self) -> None:
+        self.baseline_order()  # a bad name fails before the search, not after it
         if self.jobs < 1:
             raise SearchError(f"jobs must be >= 1, got {self.jobs}")
         if self.jobs > 1 and not (isinstance(self.storage, str) and self.study_name):
             raise SearchError("several jobs share one study through a storage URL (e.g. sqlite:///run/study.db): "
                               "give storage and study_name")
+
+    def baseline_order(self) -> tuple[Order, str]:
+        """The baseline order and its name in reports (``identity`` or ``source order 'plain'``)."""
+        if self.baseline is None:
+            return self.bank.identity, "identity"
+        named = getattr(self.bank, "source_orders", {}) or {}
+        if isinstance(self.baseline, str) and self.baseline in named:
+            return named[self.baseline], f"source order {self.baseline!r}"
+        try:
+            order = Order.parse(self.baseline).validate(self.bank.n_blocks)
+        except ValueError as exc:
+            known = f"; source orders: {', '.join(named)}" if named else " (this bank names no source orders)"
+            raise SearchError(f"baseline {str(self.baseline)!r} is neither a source order nor a valid order: "
+                              f"{exc}{known}") from None
+        return order, "identity" if order == self.bank.identity else f"order {order}"
 
     def splits(self) -> Splits:
         """The parts of the data this job uses."""
@@ -437,7 +459,7 @@ class SearchJob:
             _parallel(self)
         found = (replace(self, progress=False) if self.jobs > 1 else self).work()  # with jobs: budget met
         study = found.study
-        identity = bank.identity
+        identity, base_name = self.baseline_order()
         search_scores = _search_scores(study)
         ranked = [t for t in best_trials(study, sel.finalists + 1)]
         orders = [identity] + [o for o in (Order.parse(t.user_attrs["order"]) for t in ranked) if o != identity]
@@ -475,7 +497,8 @@ class SearchJob:
                                        split="test", resamples=sel.resamples, confidence=sel.confidence,
                                        seed=self.seed)
             if self.engine.norm == "target":
-                plain = replace(self.engine, norm="source").build(bank, test_es, truth).evaluate([identity])[0]
+                own = _own_bank(bank, self.baseline)
+                plain = replace(self.engine, norm="source").build(own, test_es, truth).evaluate([identity])[0]
                 reference = plain.value if plain.ok else None
 
         trial_of = {Order.parse(t.user_attrs["order"]): t.number for t in ranked}
@@ -491,7 +514,7 @@ class SearchJob:
             verdict=WITHIN_NOISE if chosen == identity else deciding.verdict,
             select_interval=select_iv, test_interval=test_iv, objective=objective.name,
             truth=None if truth is None else truth.name,
-            baseline_name="identity (target statistics)" if self.engine.norm == "target" else "identity",
+            baseline_name=f"{base_name} (target statistics)" if self.engine.norm == "target" else base_name,
             reference=reference, reliability=self._reliability(splits.search, objective, found),
             sizes=splits.sizes(), notes=tuple(notes), settings=self._settings(found, splits),
             bank=bank_description(bank), engine_stats=dict(found.engine_stats), n_trials=len(found.trials),
@@ -507,7 +530,7 @@ class SearchJob:
         n = self.selection.reliability_orders
         if n <= 0:
             return None
-        orders = list(dict.fromkeys([self.bank.identity] + [o for o, _ in found.top(n)]))
+        orders = list(dict.fromkeys([self.baseline_order()[0]] + [o for o, _ in found.top(n)]))
         values = []
         for half in search_es.halves():
             engine = self.engine.build(self.bank, half, objective)
@@ -526,8 +549,19 @@ class SearchJob:
             "batch_size": self.batch_size, "seed": self.seed, "study": found.study.study_name,
             "data": self.data.spec if isinstance(self.data, Data) else splits.search.name,
             "data_description": getattr(self.data, "description", None) or {},
-            "n_images": self.n_images,
+            "n_images": self.n_images, "baseline": str(self.baseline_order()[0]),
         }
+
+
+def _own_bank(bank: Any, baseline: Order | str | None) -> Any:
+    """The bank whose source statistics are the baseline's own: a multi-task bank's view for
+    the named source order's task (the bank runs task 0's statistics otherwise)."""
+    if isinstance(baseline, str) and baseline in (getattr(bank, "source_orders", {}) or {}):
+        from ..adapters.compositional import CompositionalNet, task_bank
+
+        if isinstance(getattr(bank, "model", None), CompositionalNet):
+            return task_bank(bank, baseline)
+    return bank
 
 
 def _parallel(job: SearchJob) -> None:
