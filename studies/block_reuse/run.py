@@ -48,7 +48,9 @@ from ordersearch.train import TrainConfig, train_bank
 
 HERE = Path(__file__).resolve().parent
 
-TASK = "digits:rotate=30,noise=0.2"
+#: A task hard enough that depth could matter: on digits:rotate=30,noise=0.2 (1078 train images)
+#: every network here reached 98-99% and no difference could show (first run of this study).
+TASK = "digits:rotate=45,noise=0.4,n=600"
 COMMON = dict(arch="isoresnet:width=16", stem="task", head="task", batch_size=32, lr=1e-2, device="cpu",
               checkpoint_every=0, threads=1)
 EPOCHS = 14  # every network: fixed orders train all 14; the learned order 12 soft + 2 hardened
@@ -152,7 +154,8 @@ def write_results(records, seeds, epochs, total, folder: Path) -> None:
         "",
         "## Setup",
         "",
-        f"Task `{TASK}` (digits rotated 30° with noise; 1078 train, 360 val, 359 test images). Every network is "
+        f"Task `{TASK}` (digits rotated 45° with strong noise, 600 images: 360 train, 120 val, 120 test; on "
+        "`digits:rotate=30,noise=0.2` with all images every network reached 98-99%). Every network is "
         f"trained by `train_bank` for {epochs} epochs (AdamW lr {COMMON['lr']}, cosine, batch {COMMON['batch_size']}; "
         f"learned orders: {epochs - 2} epochs of soft orders, temperature 1 → 0.01, then 2 with the hardened "
         "order), isometric ResNet blocks of width 16 unless stated, its own stem and head. **shared statistics**: "
@@ -216,7 +219,7 @@ def _reading(acc, records, names) -> list[str]:
         + ", ".join(f"{100 * x:+.1f}" for x in pos_minus_shared) + " points (means over seeds).",
         f"- Post-hoc reuse without training was `improved` in {sum(r['post_hoc']['verdict'] == 'improved' for r in records)}"
         f" of {len(records)} seeds.",
-        "- One test image is 0.28 points.",
+        "- One test image is 0.83 points.",
     ]
 
 
