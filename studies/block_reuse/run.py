@@ -33,6 +33,7 @@ import os
 import platform
 import shutil
 import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,9 @@ from ordersearch.search import sqlite_url
 from ordersearch.train import TrainConfig, train_bank
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from _common import n_params, pm  # noqa: E402
 
 #: A task hard enough that depth could matter: on digits:rotate=30,noise=0.2 (1078 train images)
 #: every network here reached 98-99% and no difference could show (first run of this study).
@@ -72,11 +76,6 @@ POST_HOC_TRIALS = 60
 SEEDS = (0, 1, 2)
 
 log = logging.getLogger("block_reuse")
-
-
-def n_params(bank: Any) -> int:
-    """Trainable weights (the order logits, which only soft training uses, left out)."""
-    return sum(p.numel() for n, p in bank.model.named_parameters() if n != "logits")
 
 
 def run_seed(seed: int, out: Path, epochs: int, trials: int) -> dict[str, Any]:
@@ -133,11 +132,6 @@ def main() -> None:
     total = time.perf_counter() - start
     write_results(records, seeds, epochs, total, Path(args.out) if args.quick else HERE)
     print(f"done in {total:.0f} s")
-
-
-def pm(v: list[float]) -> str:
-    m = statistics.mean(v)
-    return f"{100 * m:.1f}" + (f" ± {100 * statistics.stdev(v):.1f}" if len(v) > 1 else "")
 
 
 def write_results(records, seeds, epochs, total, folder: Path) -> None:

@@ -25,6 +25,7 @@ import argparse
 import logging
 import platform
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -37,6 +38,9 @@ from ordersearch.engine import Engine
 from ordersearch.train import TrainConfig, train_bank
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from _common import n_params, pm  # noqa: E402
 
 N = 600  # images per task over train/val/test (360 train): keeps the study to minutes on 2 cores
 TASKS = [
@@ -113,12 +117,6 @@ def main() -> None:
         seconds.append(time.perf_counter() - start)
         logging.info("seed %d done in %.0f s", seed, seconds[-1])
     write_results(results, baselines, matrices, seeds, seconds, folder)
-
-
-def n_params(bank: object) -> int:
-    """Trainable weights of a trained bank's network (the order logits, a few dozen numbers
-    that only soft training uses, left out)."""
-    return sum(p.numel() for n, p in bank.model.named_parameters() if n != "logits")
 
 
 def train_baselines(fixed: dict, seed: int, out: Path) -> dict[str, dict[str, float]]:
@@ -259,11 +257,6 @@ def _comparison(results, baselines, seeds) -> list[str]:
     independent networks."""
     names = [t.split("=", 1)[0] for t in TASKS]
 
-    def stats(v: list[float]) -> str:
-        m = sum(v) / len(v)
-        s = (sum((x - m) ** 2 for x in v) / (len(v) - 1)) ** 0.5 if len(v) > 1 else float("nan")
-        return f"{100 * m:.1f}" + ("" if len(v) < 2 else f" ± {100 * s:.1f}")
-
     multi = {k: [r.metrics[k]["final_test_accuracy"] for r in results] for k in names}
     ind = {k: [b["independent"][k] for b in baselines] for k in names}
     sh = {k: [b["shared"][k] for b in baselines] for k in names}
@@ -274,12 +267,12 @@ def _comparison(results, baselines, seeds) -> list[str]:
     gaps = {}
     for k in names:
         gaps[k] = [a - b for a, b in zip(multi[k], ind[k])]
-        lines.append(f"| {k} | {stats(multi[k])} | {stats(ind[k])} | {stats(sh[k])} | {stats(gaps[k])} |")
+        lines.append(f"| {k} | {pm(multi[k])} | {pm(ind[k])} | {pm(sh[k])} | {pm(gaps[k])} |")
     allm = [x for v in multi.values() for x in v]
     alli = [x for v in ind.values() for x in v]
     alls = [x for v in sh.values() for x in v]
-    lines.append(f"| **mean** | {stats(allm)} | {stats(alli)} | {stats(alls)} | "
-                 f"{stats([a - b for a, b in zip(allm, alli)])} |")
+    lines.append(f"| **mean** | {pm(allm)} | {pm(alli)} | {pm(alls)} | "
+                 f"{pm([a - b for a, b in zip(allm, alli)])} |")
     params = {"multi": n_params(results[0].bank), **baselines[0]["params"]}
     lines += ["", f"Parameters: multi-task bank {params['multi']:,} (4 blocks, 4 stems, 4 heads), independent "
               f"networks {params['independent']:,} (four networks of 6 blocks), shared network {params['shared']:,} "

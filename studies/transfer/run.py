@@ -42,6 +42,7 @@ import os
 import platform
 import shutil
 import statistics
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -62,6 +63,9 @@ from ordersearch.search import held_out, sqlite_url
 from ordersearch.train import FitConfig, accuracy, fit_classifier
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from _common import pm  # noqa: E402
 
 SOURCE = "digits:classes=0-4"
 ARCH = "isoresnet:width=16,blocks=6,classes=5"
@@ -206,11 +210,6 @@ def main() -> None:
 
 
 # --- the report -----------------------------------------------------------------------------
-def pm(v: list[float]) -> str:
-    m = statistics.mean(v)
-    return f"{100 * m:.1f}" + (f" ± {100 * statistics.stdev(v):.1f}" if len(v) > 1 else "")
-
-
 def write_results(records, sources, seeds, tasks, total, folder: Path) -> None:
     cells = [(task, b) for task in tasks for b in BUDGETS]
     lines = [
