@@ -455,21 +455,6 @@ def test_target_norm_does_not_depend_on_chunk_size(data):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_target_norm_runs_the_whole_evalset_in_one_chunk_when_it_fits(data):
-    bank = load_bank("isoresnet:width=8,blocks=4,classes=10", seed=4)
-    evalset = data["isoresnet"]
-    orders = _random_orders(4, 8, seed=6)
-    auto = Engine(bank, evalset, "head", cache_bytes=2**26, norm="target")
-    chunked = Engine(bank, evalset, "head", cache_bytes=2**26, batch_size=16, norm="target")
-    assert [s.value for s in auto.evaluate(orders)] == [s.value for s in chunked.evaluate(orders)]
-    assert auto.stats.stat_passes == 0 < chunked.stats.stat_passes  # one pass per block, not 1 + BatchNorms
-    assert auto.stats.block_evals == chunked.stats.block_evals
-    # a budget too small for one activation over the set keeps the batch size
-    small = Engine(bank, evalset, "head", cache_bytes=2**16, norm="target")
-    small.evaluate(orders[:2])
-    assert small.stats.stat_passes > 0
-
-
 def test_target_norm_statistics_are_cached_per_prefix(data):
     bank = load_bank("isoresnet:width=8,blocks=4,classes=10")
     evalset = data["isoresnet"]

@@ -92,9 +92,7 @@ class Engine:
             the walk's path: each batch still pays once per distinct prefix.
         device: Where blocks run (default: CUDA when available, else CPU). Cached
             activations live there too.
-        batch_size: Images per block forward (default 64 on CPU, 512 on CUDA; with
-            ``norm="target"`` by default the whole EvalSet when it fits a sixteenth of
-            ``cache_bytes``, so target statistics take one pass); results do
+        batch_size: Images per block forward (default 64 on CPU, 512 on CUDA); results do
             not depend on it except through float rounding.
         dtype: Compute and storage precision: float32 (CPU default) or bfloat16 (CUDA
             default; on CPU a faster screening option that reorders candidates, so re-score
@@ -159,7 +157,6 @@ class Engine:
         if self.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {self.dtype}")
         self.batch_size = int(batch_size or (512 if self.device.type == "cuda" else 64))
-        self._auto_batch = batch_size is None
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.norm = norm
@@ -423,18 +420,6 @@ class Engine:
             return n
         return min(n, capacity // (16 * per_image) // self.batch_size * self.batch_size)
 
-    def _chunk(self, n: int) -> int:
-        """Images per block forward on a level of ``n`` images: ``batch_size``; or, for
-        ``norm="target"`` when no batch size was given, the whole level if one activation over
-        it takes at most a sixteenth of the cache budget: whole-set statistics then take one
-        pass per block instead of one per BatchNorm layer plus one (3x fewer block forwards on
-        an isometric ResNet block; same scores up to float rounding)."""
-        if self.norm == "target" and self._auto_batch:
-            per_image = math.prod(self.bank.data_config.get("block_shape") or (0,)) * self.dtype.itemsize
-            if per_image > 0 and 16 * n * per_image <= self.cache.capacity:
-                return max(n, self.batch_size)
-        return self.batch_size
-
     def _new_index(self) -> int:
         self._next_index += 1
         return self._next_index - 1
@@ -449,12 +434,12 @@ class Engine:
         level = self._levels.get(n)
         if level is None:
             es = self.evalset if n == self.n_images else self.evalset.subset(n)
-            level = _Level(self._new_index(), es, self.objective.prepare(es), self._chunk(n))
+            level = _Level(self._new_index(), es, self.objective.prepare(es), self.batch_size)
             size = self._shard_size(level.n)
             if size < level.n:
                 level.shards = []
                 for a in range(0, level.n, size):
-                    shard = _Level(self._new_index(), None, None, self._chunk(size), x=level.x[a : a + size])
+                    shard = _Level(self._new_index(), None, None, self.batch_size, x=level.x[a : a + size])
                     shard.share = shard.n / level.n
                     level.shards.append(shard)
                 log.info("engine: %d images walked in %d shards of %d", level.n, len(level.shards), size)
@@ -504,7 +489,7 @@ class Engine:
         level's chunks (a level's size fixes its chunks)."""
         n, shape = key  # type: ignore[misc]
         buffer = torch.empty((n, *shape), dtype=self.dtype, device=self.device)
-        return buffer, [buffer[s] for s in _slices(n, self._chunk(n))]
+        return buffer, [buffer[s] for s in _slices(n, self.batch_size)]
 
     def _root(self, level: _Level) -> Handle:
         """The stem output of ``level``'s images, computed once."""
