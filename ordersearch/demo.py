@@ -71,7 +71,8 @@ class DemoConfig:
         sources_epochs: Its epochs with soft orders (two more follow with the hardened ones).
         target: Data spec of the unlabelled held-out domain (``adapt`` with ``infomax``).
         searcher: Searcher of both parts.
-        trials: Trial budget of each study, identity included.
+        trials: Trial budget of the search part's study, identity included.
+        adapt_trials: Trial budget of the adapt part's study (its source orders come first).
         batch_size: Orders asked and scored together.
         max_len: Longest order (block reuse allowed up to ``max_repeats``).
         max_repeats: How often one block may run.
@@ -91,13 +92,14 @@ class DemoConfig:
     target: str = "digits:rotate=45"
     searcher: str = "evolution"
     trials: int = 150
+    adapt_trials: int = 100
     batch_size: int = 10
     max_len: int = 8
     max_repeats: int = 2
     seed: int = 0
 
     def __post_init__(self) -> None:  # before the minutes of training, not after
-        for name in ("epochs", "trials", "batch_size", "max_len", "max_repeats", "sources_blocks",
+        for name in ("epochs", "trials", "adapt_trials", "batch_size", "max_len", "max_repeats", "sources_blocks",
                      "sources_depth", "sources_epochs"):
             if getattr(self, name) < 1:
                 raise SearchError(f"demo {name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
@@ -273,13 +275,14 @@ def run_demo(config: DemoConfig = DemoConfig(), out: str | Path = "runs/demo", *
     parts: dict[str, JobResult] = {}
     files: dict[str, Path] = {}
     comparison: list[dict[str, Any]] = []
-    for name, b, data_spec, objective, norm in (("search", bank, config.task, DEFAULT_LABELLED, "source"),
-                                                 ("adapt", multi, config.target, DEFAULT_UNLABELLED, "target")):
+    for name, b, data_spec, objective, norm, budget in (
+            ("search", bank, config.task, DEFAULT_LABELLED, "source", config.trials),
+            ("adapt", multi, config.target, DEFAULT_UNLABELLED, "target", config.adapt_trials)):
         callbacks = []
         if progress is not None:
             def report(study: Any, trial: Any, name: str = name, data_spec: str = data_spec,
-                       objective: str = objective) -> None:
-                progress(f"{name}: {objective} on {data_spec}", len(study.trials), config.trials)
+                       objective: str = objective, budget: int = budget) -> None:
+                progress(f"{name}: {objective} on {data_spec}", len(study.trials), budget)
             callbacks.append(report)
         space = _space(b, config)
         # split-half reliability on 10 orders, not 30 (it scores them again on both halves of
@@ -287,7 +290,7 @@ def run_demo(config: DemoConfig = DemoConfig(), out: str | Path = "runs/demo", *
         selection = SelectionConfig(reliability_orders=10)
         job = SearchJob(bank=b, data=osdata.load(data_spec, b.data_config, seed=config.seed), selection=selection,
                         objective=objective, searcher=config.searcher, space=space, engine=EngineConfig(norm=norm),
-                        n_trials=config.trials, batch_size=config.batch_size, storage=storage,
+                        n_trials=budget, batch_size=config.batch_size, storage=storage,
                         study_name=f"demo-{name}", seed=config.seed, callbacks=callbacks,
                         baseline=next(iter(b.source_orders), None))
         parts[name] = job.run()
@@ -318,7 +321,8 @@ def report_text(result: DemoResult, bank: Bank) -> str:
         f"{_dt.datetime.now(_dt.timezone.utc):%Y-%m-%d %H:%M} UTC · {platform.machine()}, "
         f"{torch.get_num_threads()} threads · torch {torch.__version__} · {result.seconds:.0f} s",
         "",
-        f"Searcher `{cfg.searcher}`, {cfg.trials} trials per part (the baseline first), batches of "
+        f"Searcher `{cfg.searcher}`, {cfg.trials} trials for the search part and {cfg.adapt_trials} for the "
+        f"adapt part (the baseline first), batches of "
         f"{cfg.batch_size}, orders up to {cfg.max_len} long with each block at most {cfg.max_repeats} times "
         f"(widened to hold a bank's source orders); seed {cfg.seed}. The searcher sees each target's *search* "
         f"split ({s.sizes['search']} images); the {len(s.finalists) - 1} best orders and the baseline are "

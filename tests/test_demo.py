@@ -9,8 +9,8 @@ from ordersearch import load_order
 from ordersearch.cli import main
 from ordersearch.demo import DemoConfig, run_demo
 
-TINY = DemoConfig(bank="isoresnet:width=8,blocks=3,classes=10", epochs=1, trials=10, batch_size=5, max_len=4,
-                  sources="plain=digits:n=200;inv=digits:invert,n=200", sources_arch="isoresnet:width=8",
+TINY = DemoConfig(bank="isoresnet:width=8,blocks=3,classes=10", epochs=1, trials=10, adapt_trials=8, batch_size=5,
+                  max_len=4, sources="plain=digits:n=200;inv=digits:invert,n=200", sources_arch="isoresnet:width=8",
                   sources_blocks=3, sources_depth=4, sources_epochs=1)
 VERDICTS = ("improved", "within noise", "worse")
 
@@ -48,13 +48,13 @@ def test_demo_writes_specs_reports_with_verdicts_and_resumes(tmp_path):
     again = run_demo(TINY, tmp_path)
     assert again.bank_reused
     study = optuna.load_study(study_name="demo-adapt", storage=f"sqlite:///{tmp_path / 'study.db'}")
-    assert len(study.trials) == 10
+    assert len(study.trials) == 8
     assert again.parts["adapt"].chosen == first.parts["adapt"].chosen
 
 
 def test_demo_cli_prints_the_comparison_and_the_verdicts(tmp_path, capsys):
     argv = ["demo", "--out", str(tmp_path), "--no-progress", "--bank", TINY.bank, "--epochs", "1",
-            "--trials", "6", "--batch-size", "3", "--max-len", "4", "--sources", TINY.sources,
+            "--trials", "6", "--adapt-trials", "6", "--batch-size", "3", "--max-len", "4", "--sources", TINY.sources,
             "--sources-arch", TINY.sources_arch, "--sources-blocks", "3", "--sources-depth", "4",
             "--sources-epochs", "1"]
     assert main(argv) == 0
