@@ -165,16 +165,9 @@ def source_bank(config: DemoConfig, out: Path, progress: Progress | None = None)
     # thread count; training this small bank is barely slower on one thread than on two.
     fit = FitConfig(epochs=config.epochs, seed=config.seed, threads=1)
     wanted = {"bank": arch.source(), "source": config.source, "fit": fit.to_dict()}
-    if bank_path.exists() and stamp.exists():
-        try:
-            recorded = json.loads(stamp.read_text())
-            header = read_bank_header(bank_path)
-            if recorded.get("training") == wanted and header.get("source") == arch.source():
-                bank = load_bank(bank_path)
-                log.info("reusing the source bank in %s", bank_path)
-                return bank, float(recorded["source_test_accuracy"]), True
-        except (BankError, json.JSONDecodeError, KeyError):
-            log.warning("the saved bank in %s is unusable; training a new one", bank_path)
+    reused = _reusable(bank_path, stamp, wanted, "source_test_accuracy", source=arch.source())
+    if reused is not None:
+        return reused[0], float(reused[1]), True
     torch.manual_seed(config.seed)
     model = IsoResNet(arch)
     src = osdata.load(config.source, isoresnet_data_config(arch), seed=config.seed)
@@ -192,6 +185,25 @@ def source_bank(config: DemoConfig, out: Path, progress: Progress | None = None)
     return bank, test_acc, False
 
 
+def _reusable(bank_path: Path, stamp: Path, wanted: dict[str, Any], key: str,
+              source: str | None = None) -> tuple[Bank, Any] | None:
+    """The bank saved at ``bank_path`` and its recorded ``key``, when ``stamp`` says it was
+    trained with the ``wanted`` settings (and its header names ``source``, if given); else None."""
+    if not (bank_path.exists() and stamp.exists()):
+        return None
+    try:
+        recorded = json.loads(stamp.read_text())
+        if recorded.get("training") != wanted or (source is not None
+                                                  and read_bank_header(bank_path).get("source") != source):
+            return None
+        bank, value = load_bank(bank_path), recorded[key]
+    except (BankError, json.JSONDecodeError, KeyError):
+        log.warning("the saved bank in %s is unusable; training a new one", bank_path)
+        return None
+    log.info("reusing the bank in %s", bank_path)
+    return bank, value
+
+
 def sources_bank(config: DemoConfig, out: Path,
                  progress: Progress | None = None) -> tuple[Bank, dict[str, dict[str, Any]], bool]:
     """The demo's multi-source bank in ``out/sources`` (trained by
@@ -202,18 +214,13 @@ def sources_bank(config: DemoConfig, out: Path,
     train = config.sources_training()
     stamp = folder / "demo_training.json"
     wanted = train.resolved()
-    if (folder / "bank.safetensors").exists() and stamp.exists():
-        try:
-            recorded = json.loads(stamp.read_text())
-            if recorded.get("training") == wanted:
-                log.info("reusing the multi-source bank in %s", folder)
-                return load_bank(folder / "bank.safetensors"), recorded["sources"], True
-        except (BankError, json.JSONDecodeError, KeyError):
-            log.warning("the saved multi-source bank in %s is unusable; training a new one", folder)
+    reused = _reusable(folder / "bank.safetensors", stamp, wanted, "sources")
+    if reused is not None:
+        return reused[0], reused[1], True
 
     def on_epoch(stage: str, done: int, total: int) -> None:
-        if progress is not None:
-            progress(f"train multi-source bank ({stage})", done, total)
+        assert progress is not None
+        progress(f"train multi-source bank ({stage})", done, total)
 
     result = train_bank(train, out=folder, progress=on_epoch if progress is not None else None)
     sources = {name: {"order": str(order), "test_accuracy": float(result.metrics[name]["final_test_accuracy"])}
@@ -233,19 +240,21 @@ def source_comparison(job: SearchJob, result: JobResult) -> list[dict[str, Any]]
     objective = get_objective(job.objective)
     select_es = held_out(objective, splits.search, splits.select)
     test_es = held_out(get_objective("head"), splits.search, splits.test)
-    named = {name: order for name, order in bank.source_orders.items()}
-    finalists = [f.order for f in result.finalists]
-    orders = list(dict.fromkeys([*named.values(), result.chosen.order, *finalists]))
-    test = {s.order: s.value for s in job.engine.build(bank, test_es, "head").evaluate(orders) if s.ok}
-    select = {s.order: s.value for s in job.engine.build(bank, select_es, objective).evaluate(list(named.values()))
-              if s.ok}
+    named = dict(bank.source_orders)
+    # the finalists (chosen and baseline among them) were scored on select and test by the job
+    test = {f.order: f.test for f in result.finalists if f.test is not None}
+    select = {f.order: f.select for f in result.finalists if f.select is not None}
+    missing = [o for o in dict.fromkeys(named.values()) if o not in test]
+    test.update((s.order, s.value) for s in job.engine.build(bank, test_es, "head").evaluate(missing) if s.ok)
+    select.update((s.order, s.value) for s in job.engine.build(bank, select_es, objective).evaluate(missing) if s.ok)
+    orders = list(test)
     rows = [{"kind": "source", "name": name, "order": str(order), "select": select.get(order),
              "test": test.get(order)} for name, order in named.items()]
     rows.append({"kind": "chosen", "name": "chosen", "order": str(result.chosen.order),
                  "select": result.chosen.select, "test": test.get(result.chosen.order)})
     best = max((o for o in orders if o in test), key=lambda o: test[o])
-    rows.append({"kind": "oracle", "name": f"oracle (best of {len(test)} source orders and finalists by test labels)", "order": str(best),
-                 "select": None, "test": test[best]})
+    rows.append({"kind": "oracle", "name": f"oracle (best of {len(test)} source orders and finalists by test labels)",
+                 "order": str(best), "select": None, "test": test[best]})
     return [r for r in rows if r["test"] is not None]
 
 

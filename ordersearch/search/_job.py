@@ -459,24 +459,24 @@ class SearchJob:
             _parallel(self)
         found = (replace(self, progress=False) if self.jobs > 1 else self).work()  # with jobs: budget met
         study = found.study
-        identity, base_name = self.baseline_order()
+        base, base_name = self.baseline_order()
         search_scores = _search_scores(study)
         ranked = [t for t in best_trials(study, sel.finalists + 1)]
-        orders = [identity] + [o for o in (Order.parse(t.user_attrs["order"]) for t in ranked) if o != identity]
+        orders = [base] + [o for o in (Order.parse(t.user_attrs["order"]) for t in ranked) if o != base]
         orders = orders[: sel.finalists + 1] if len(orders) > sel.finalists else orders
 
         # select: the same objective on held-out images
         select_es = held_out(objective, splits.search, splits.select)
         select_engine = self.engine.build(bank, select_es, objective)
         select_scores = {s.order: (s.value if s.ok else None) for s in select_engine.evaluate(orders)}
-        if select_scores[identity] is None:
-            raise SearchError(f"the {identity} order failed on the select images; no held-out comparison is possible")
+        if select_scores[base] is None:
+            raise SearchError(f"the {base} order failed on the select images; no held-out comparison is possible")
         # best on select; ties keep the baseline, then the better search score
         rank = {o: i for i, o in enumerate(orders)}
         chosen = max((o for o in orders if select_scores[o] is not None),
-                     key=lambda o: (select_scores[o], o == identity, -rank[o]))
+                     key=lambda o: (select_scores[o], o == base, -rank[o]))
         state = objective.prepare(select_es)
-        select_iv = paired_bootstrap(objective, select_engine.outputs(chosen), select_engine.outputs(identity),
+        select_iv = paired_bootstrap(objective, select_engine.outputs(chosen), select_engine.outputs(base),
                                      select_es, split="select", resamples=sel.resamples,
                                      confidence=sel.confidence, seed=self.seed, state=state)
 
@@ -493,25 +493,25 @@ class SearchJob:
         if truth is not None:
             test_engine = self.engine.build(bank, test_es, truth)
             test_scores = {s.order: (s.value if s.ok else None) for s in test_engine.evaluate(orders)}
-            test_iv = paired_bootstrap(truth, test_engine.outputs(chosen), test_engine.outputs(identity), test_es,
+            test_iv = paired_bootstrap(truth, test_engine.outputs(chosen), test_engine.outputs(base), test_es,
                                        split="test", resamples=sel.resamples, confidence=sel.confidence,
                                        seed=self.seed)
             if self.engine.norm == "target":
                 own = _own_bank(bank, self.baseline)
-                plain = replace(self.engine, norm="source").build(own, test_es, truth).evaluate([identity])[0]
+                plain = replace(self.engine, norm="source").build(own, test_es, truth).evaluate([base])[0]
                 reference = plain.value if plain.ok else None
 
         trial_of = {Order.parse(t.user_attrs["order"]): t.number for t in ranked}
         finalists = tuple(sorted(
-            (Finalist(o, search_scores.get(o), select_scores[o], test_scores.get(o), o == identity, trial_of.get(o))
+            (Finalist(o, search_scores.get(o), select_scores[o], test_scores.get(o), o == base, trial_of.get(o))
              for o in orders),
             key=lambda f: (f.select is None, -(f.select or 0.0), not f.baseline, rank[f.order]),
         ))
         by_order = {f.order: f for f in finalists}
         deciding = test_iv if test_iv is not None else select_iv
         result = JobResult(
-            chosen=by_order[chosen], baseline=by_order[identity], finalists=finalists,
-            verdict=WITHIN_NOISE if chosen == identity else deciding.verdict,
+            chosen=by_order[chosen], baseline=by_order[base], finalists=finalists,
+            verdict=WITHIN_NOISE if chosen == base else deciding.verdict,
             select_interval=select_iv, test_interval=test_iv, objective=objective.name,
             truth=None if truth is None else truth.name,
             baseline_name=f"{base_name} (target statistics)" if self.engine.norm == "target" else base_name,
