@@ -268,3 +268,77 @@ def test_a_search_job_measures_gains_against_a_named_source_order(run):
     with pytest.raises(SearchError, match="baseline 'nope' is neither a source order nor a valid order.*inv"):
         SearchJob(bank=bank, data=data, objective="infomax", baseline="nope")
     assert SearchJob(bank=bank, data=data, baseline="2-1").baseline_order()[1] == "order 2-1"
+
+
+# --- ViT blocks (timm's Block) --------------------------------------------------------------
+VIT = dict(arch="timm:vit_tiny_patch16_224,width=24", n_blocks=2, depth=3, epochs=1, batch_size=32,
+           stem="shared", head="shared", mixing="weights", prune=0.05, lr=2e-3)
+
+
+@pytest.fixture(scope="module")
+def vit_run(tmp_path_factory):
+    return train_bank(["digits:n=150", "inv=digits:invert,n=150"], out=tmp_path_factory.mktemp("vit"), **VIT)
+
+
+def test_a_vit_bank_is_trained_from_timm_blocks_and_its_saved_orders_run_in_the_engine(vit_run):
+    from timm.models.vision_transformer import Block
+
+    from ordersearch import Engine
+    from ordersearch.data import load
+
+    assert vit_run.config.resolved_norm == "shared"  # LayerNorm: no statistics slots
+    bank = load_bank(vit_run.out / "bank.safetensors")
+    c = bank.model.config
+    assert (c.family, c.width, c.heads, c.patch, c.mlp_ratio) == ("vit", 24, 3, 4, 4.0)  # vit_tiny's heads, ratio
+    assert all(isinstance(b.block, Block) for b in bank.blocks) and not bank.has_positional_blocks
+    assert bank.source_orders == vit_run.orders
+    data = load("digits:invert,n=150", bank.data_config, seed=0)
+    x, y = data.split("test")
+    order = vit_run.orders["inv"]
+    with torch.inference_mode():
+        direct = bank.model.run_order(x, order, task=0)
+        assert torch.allclose(build_model(bank, order)(x), direct, atol=1e-5)
+    accuracy = int((direct.argmax(1) == y).sum()) / len(y)
+    assert accuracy == pytest.approx(vit_run.metrics["inv"]["final_test_accuracy"], abs=1e-9)
+    from ordersearch.evalset import EvalSet
+
+    scores = Engine(bank, EvalSet(x, y), "head", norm="source").evaluate([order, bank.identity])
+    assert scores[0].value == pytest.approx(accuracy, abs=1e-9)
+    # target statistics have nothing to re-estimate in LayerNorm blocks: the same scores
+    again = Engine(bank, EvalSet(x, y), "head", norm="target").evaluate([order])
+    assert again[0].value == pytest.approx(accuracy, abs=1e-9)
+
+
+def test_weight_mixing_of_vit_blocks_equals_one_block_with_mixed_parameters():
+    from ordersearch.adapters.compositional import VitBlock
+
+    net = CompositionalNet(CompositionalConfig(width=12, heads=2, blocks=3, depth=2, family="vit", norm="shared"))
+    with torch.no_grad():
+        for p in net.blocks.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    model = SoftOrderModel(net, mixing="weights")
+    w = torch.tensor([0.2, 0.5, 0.3])
+    reference = VitBlock(12, 2)
+    reference.load_state_dict({n: sum(w[k] * dict(net.blocks[k].named_parameters())[n] for k in range(3))
+                               for n, _ in net.blocks[0].named_parameters()})
+    h = torch.randn(5, 17, 12)
+    with torch.no_grad():
+        assert torch.allclose(model.mixing(net.blocks, h, w, 1), reference(h), atol=1e-5)
+        assert net.run_order(torch.randn(2, 1, 16, 16), [2, 0, 0]).shape == (2, 10)
+    config = net.config
+    assert parse_compositional_source(config.source()) == config
+    assert "family" not in CompositionalConfig().source()  # isoresnet banks keep their source text
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"arch": "vit:width=10,heads=3"}, "not a multiple of heads"),
+    ({"arch": "timm:resnet18"}, "could not build 'resnet18' as a Vision Transformer"),
+    ({"arch": "timm:no_such_model"}, "could not build 'no_such_model'"),
+    ({"arch": "timm:"}, "name a timm ViT"),
+    ({"arch": "vit:depth=3"}, "unknown setting"),
+    ({"arch": "convnext"}, "expected isoresnet"),
+    ({"arch": "vit", "norm": "task"}, "keep no running statistics"),
+])
+def test_bad_block_architectures_are_refused_before_any_training(settings, message):
+    with pytest.raises(OrderSearchError, match=message):
+        TrainConfig.from_dict({"tasks": ["digits:n=100"], **settings})

@@ -2,8 +2,16 @@
 
 The trained model of Zhmoginov, Bashkirova and Sandler, "Compositional Models: Multi-Task
 Learning and Knowledge Transfer with Modular Networks" (arXiv 2107.10963): a set of
-same-shaped residual blocks (the isometric ResNet's :class:`~ordersearch.isoresnet.IsoBlock`),
-one or several stems and heads, and per-task mixing logits over the blocks at every position.
+same-shaped residual blocks, one or several stems and heads, and per-task mixing logits over
+the blocks at every position. Blocks come from one of two families (``family``):
+
+- ``isoresnet``: the isometric ResNet's :class:`~ordersearch.isoresnet.IsoBlock` (stem: one
+  convolution; head: BatchNorm, pool, linear);
+- ``vit``: timm's Vision Transformer block (``timm.models.vision_transformer.Block``) over
+  patch tokens (stem: patch embedding, class token and position embedding; head: LayerNorm
+  of the class token and a linear classifier). LayerNorm keeps no running statistics, so a
+  ViT bank has no statistics slots (``norm="shared"``) and nothing for ``norm="target"`` to
+  re-estimate: what differs between tasks is their order (and stems and heads, when per task).
 
 A block that runs at several positions sees differently distributed inputs at each, so its
 BatchNorm statistics (optionally also its affine parameters) are kept per *slot* -- per
@@ -39,10 +47,15 @@ __all__ = [
     "BlockAt",
     "CompositionalConfig",
     "CompositionalNet",
+    "FAMILIES",
     "Head",
     "NORM_MODES",
     "PositionalBatchNorm2d",
     "PositionalIsoBlock",
+    "TokenHead",
+    "TokenStem",
+    "VitBlock",
+    "parse_block_arch",
     "parse_compositional_source",
     "task_bank",
 ]
@@ -50,6 +63,10 @@ __all__ = [
 #: ``shared``: one set of statistics per block; ``position``: one per position;
 #: ``task``: one per task and position.
 NORM_MODES = ("shared", "position", "task")
+#: Block families: the isometric ResNet's blocks, or timm's Vision Transformer blocks.
+FAMILIES = ("isoresnet", "vit")
+#: Fields that only a ``vit`` family uses (left out of an isoresnet's source text).
+_VIT_FIELDS = ("heads", "patch", "mlp_ratio")
 
 
 @dataclass(frozen=True)
@@ -70,6 +87,10 @@ class CompositionalConfig:
         in_chans: Image channels.
         input_size: Image height and width.
         task: The task whose stem, head and statistics a bank made from this model uses.
+        family: ``isoresnet`` or ``vit`` (see the module docstring).
+        heads: Attention heads of a ``vit`` block (``width`` must be a multiple).
+        patch: Patch size of a ``vit`` stem (``input_size`` must be a multiple).
+        mlp_ratio: Hidden width of a ``vit`` block's MLP over ``width``.
     """
 
     width: int = 16
@@ -84,10 +105,17 @@ class CompositionalConfig:
     in_chans: int = 1
     input_size: int = 16
     task: int = 0
+    family: str = "isoresnet"
+    heads: int = 3
+    patch: int = 4
+    mlp_ratio: float = 4.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "classes", tuple(int(c) for c in self.classes))
-        for f in ("width", "blocks", "depth", "tasks", "stems", "in_chans", "input_size"):
+        object.__setattr__(self, "mlp_ratio", float(self.mlp_ratio))
+        if self.family not in FAMILIES:
+            raise BankError(f"compositional: family must be one of {', '.join(FAMILIES)}, got {self.family!r}")
+        for f in ("width", "blocks", "depth", "tasks", "stems", "in_chans", "input_size", "heads", "patch"):
             if getattr(self, f) < 1:
                 raise BankError(f"compositional: {f} must be >= 1, got {getattr(self, f)}")
         if len(self.classes) not in (1, self.tasks) or min(self.classes, default=0) < 1:
@@ -100,6 +128,16 @@ class CompositionalConfig:
             raise BankError(f"compositional: affine must be shared or slot, got {self.affine!r}")
         if not 0 <= self.task < self.tasks:
             raise BankError(f"compositional: task must be in 0..{self.tasks - 1}, got {self.task}")
+        if self.family == "vit":
+            if self.norm != "shared" or self.affine != "shared":
+                raise BankError("compositional: vit blocks normalise with LayerNorm, which keeps no running "
+                                f"statistics: norm and affine must be shared, got norm={self.norm}, affine={self.affine}")
+            if self.width % self.heads:
+                raise BankError(f"compositional: width {self.width} is not a multiple of heads {self.heads}")
+            if self.input_size % self.patch:
+                raise BankError(f"compositional: input_size {self.input_size} is not a multiple of patch {self.patch}")
+            if self.mlp_ratio <= 0:
+                raise BankError(f"compositional: mlp_ratio must be > 0, got {self.mlp_ratio}")
 
     @property
     def slots(self) -> int:
@@ -115,6 +153,8 @@ class CompositionalConfig:
         """Text that rebuilds this architecture (``compositional:width=...``)."""
         items = []
         for k, v in asdict(self).items():
+            if self.family == "isoresnet" and k in (*_VIT_FIELDS, "family"):
+                continue  # the source text of banks saved before families existed
             if isinstance(v, (tuple, list)):
                 v = "/".join(str(i) for i in v)
             elif isinstance(v, bool):
@@ -135,8 +175,10 @@ def parse_compositional_source(text: str) -> CompositionalConfig:
         try:
             if key == "classes":
                 kwargs[key] = tuple(int(v) for v in value.split("/"))
-            elif key in ("norm", "affine"):
+            elif key in ("norm", "affine", "family"):
                 kwargs[key] = value
+            elif key == "mlp_ratio":
+                kwargs[key] = float(value)
             elif key == "skip":
                 kwargs[key] = value.lower() in ("1", "true", "yes")
             else:
@@ -144,6 +186,79 @@ def parse_compositional_source(text: str) -> CompositionalConfig:
         except ValueError:
             raise BankError(f"compositional source {text!r}: bad value for {key}: {value!r}") from None
     return CompositionalConfig(**kwargs)
+
+
+_VIT_KEYS = {"width": int, "heads": int, "patch": int, "mlp_ratio": float, "in_chans": int, "input_size": int}
+
+
+def parse_block_arch(text: str) -> dict[str, Any]:
+    """The block architecture of a training run, as :class:`CompositionalConfig` fields.
+
+    Three forms:
+
+    - ``isoresnet[:width=16,in_chans=1,input_size=16]``: isometric ResNet blocks;
+    - ``vit[:width=192,heads=3,patch=4,mlp_ratio=4,in_chans=1,input_size=16]``: timm ViT
+      blocks (the defaults are ViT-Tiny's width, heads and MLP ratio, patch 4 at 16 px);
+    - ``timm:<name>[,patch=4,input_size=16,in_chans=1,width=..,heads=..]``: the width, heads
+      and MLP ratio of a timm Vision Transformer (e.g. ``timm:vit_tiny_patch16_224``), read
+      from the model timm builds (random weights, nothing downloaded); ``width`` and ``heads``
+      narrow it.
+
+    Example:
+        >>> parse_block_arch("vit:width=96")["heads"], parse_block_arch("isoresnet:width=8")["width"]
+        (3, 8)
+    """
+    from ..isoresnet import parse_isoresnet_source
+
+    text = str(text).strip()
+    scheme, _, body = text.partition(":")
+    if scheme == "isoresnet":
+        a = parse_isoresnet_source(text if ":" in text else text + ":")
+        return {"family": "isoresnet", "width": a.width, "in_chans": a.in_chans, "input_size": a.input_size}
+    if scheme not in ("vit", "timm"):
+        raise BankError(f"block architecture {text!r}: expected isoresnet[:...], vit[:...] or timm:<vit model>[,...]")
+    items = [s.strip() for s in body.split(",") if s.strip()]
+    name = items.pop(0) if scheme == "timm" and items and "=" not in items[0] else None
+    if scheme == "timm" and name is None:
+        raise BankError(f"block architecture {text!r}: name a timm ViT, e.g. timm:vit_tiny_patch16_224,patch=4")
+    settings: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = (v.strip() for v in item.partition("="))
+        if not sep or key not in _VIT_KEYS:
+            raise BankError(f"block architecture {text!r}: unknown setting {item!r}; keys: {', '.join(_VIT_KEYS)}")
+        try:
+            settings[key] = _VIT_KEYS[key](value)
+        except ValueError:
+            raise BankError(f"block architecture {text!r}: bad value for {key}: {value!r}") from None
+    out = {"family": "vit", "width": 192, "heads": 3, "patch": 4, "mlp_ratio": 4.0, "in_chans": 1, "input_size": 16}
+    if name is not None:
+        out.update(_timm_vit_shape(name, settings))
+    out.update(settings)
+    CompositionalConfig(**out, norm="shared")  # width, heads, patch and sizes checked now
+    return out
+
+
+def _timm_vit_shape(name: str, settings: dict[str, Any]) -> dict[str, Any]:
+    """Width, heads and MLP ratio of timm's ``name`` (built with random weights, one block)."""
+    import timm
+
+    kwargs = {"pretrained": False, "num_classes": 0, "depth": 1, "img_size": settings.get("input_size", 16),
+              "patch_size": settings.get("patch", 4), "in_chans": settings.get("in_chans", 1)}
+    if "width" in settings:
+        kwargs["embed_dim"] = settings["width"]
+    if "heads" in settings:
+        kwargs["num_heads"] = settings["heads"]
+    try:
+        model = timm.create_model(name, **kwargs)
+    except Exception as exc:  # unknown name, or kwargs the model does not take
+        raise BankError(f"timm could not build {name!r} as a Vision Transformer (depth, img_size, patch_size, "
+                        f"in_chans): {str(exc).splitlines()[0]}") from None
+    block = next(iter(getattr(model, "blocks", [])), None)
+    if not hasattr(model, "embed_dim") or block is None or not hasattr(block, "mlp") or not hasattr(block, "attn"):
+        raise BankError(f"timm model {name!r} is not a plain Vision Transformer (embed_dim, blocks with attn "
+                        "and mlp); use vit:width=..,heads=.. instead")
+    width = int(model.embed_dim)
+    return {"width": width, "heads": int(block.attn.num_heads), "mlp_ratio": block.mlp.fc1.out_features / width}
 
 
 class PositionalBatchNorm2d(nn.Module):
@@ -250,6 +365,63 @@ class Head(nn.Module):
         return z if pre_logits else self.fc(z)
 
 
+class VitBlock(nn.Module):
+    """timm's Vision Transformer block (pre-norm attention and MLP, each residual) over
+    (B, T, D) tokens; ``forward(x, slot)`` ignores the slot (LayerNorm keeps no statistics).
+
+    The timm block is built once and its modules taken over, so the parameter names are
+    timm's (``norm1``, ``attn.qkv``, ``mlp.fc1``, ...) and its weights are initialised as timm
+    initialises a ViT (truncated normal, std 0.02, zero biases).
+    """
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float = 4.0) -> None:
+        super().__init__()
+        from timm.layers import trunc_normal_
+        from timm.models.vision_transformer import Block
+
+        block = Block(width, heads, mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
+        for m in block.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        self.block = block
+
+    def forward(self, x: torch.Tensor, slot: int = 0) -> torch.Tensor:  # (B, T, D) -> same
+        return self.block(x)
+
+
+class TokenStem(nn.Module):
+    """A ViT stem: patch embedding, a class token and a learned position embedding."""
+
+    def __init__(self, c: CompositionalConfig) -> None:
+        super().__init__()
+        from timm.layers import PatchEmbed, trunc_normal_
+
+        self.patch_embed = PatchEmbed(c.input_size, c.patch, c.in_chans, c.width)
+        n = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, c.width))
+        self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, c.width))
+        trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.normal_(self.cls_token, std=1e-6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, H, W) -> (B, 1 + N, D)
+        h = self.patch_embed(x)
+        return torch.cat([self.cls_token.expand(len(h), -1, -1), h], dim=1) + self.pos_embed
+
+
+class TokenHead(nn.Module):
+    """A ViT head: LayerNorm, the class token, a linear classifier."""
+
+    def __init__(self, width: int, classes: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.fc = nn.Linear(width, classes)
+
+    def forward(self, h: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        z = self.norm(h)[:, 0]  # (B, D)
+        return z if pre_logits else self.fc(z)
+
+
 class CompositionalNet(nn.Module):
     """Stems, K shared blocks, heads and per-task mixing logits of shape (tasks, depth, choices).
 
@@ -266,11 +438,17 @@ class CompositionalNet(nn.Module):
     def __init__(self, config: CompositionalConfig | None = None, **kwargs: Any) -> None:
         super().__init__()
         c = self.config = config or CompositionalConfig(**kwargs)
-        self.stems = nn.ModuleList(nn.Conv2d(c.in_chans, c.width, 3, padding=1) for _ in range(c.stems))
-        self.blocks = nn.ModuleList(
-            PositionalIsoBlock(c.width, slots=c.slots, affine_per_slot=c.affine == "slot") for _ in range(c.blocks)
-        )
-        self.heads = nn.ModuleList(Head(c.width, n) for n in c.classes)
+        if c.family == "vit":
+            self.stems = nn.ModuleList(TokenStem(c) for _ in range(c.stems))
+            self.blocks = nn.ModuleList(VitBlock(c.width, c.heads, c.mlp_ratio) for _ in range(c.blocks))
+            self.heads = nn.ModuleList(TokenHead(c.width, n) for n in c.classes)
+        else:
+            self.stems = nn.ModuleList(nn.Conv2d(c.in_chans, c.width, 3, padding=1) for _ in range(c.stems))
+            self.blocks = nn.ModuleList(
+                PositionalIsoBlock(c.width, slots=c.slots, affine_per_slot=c.affine == "slot")
+                for _ in range(c.blocks)
+            )
+            self.heads = nn.ModuleList(Head(c.width, n) for n in c.classes)
         self.logits = nn.Parameter(torch.zeros(c.tasks, c.depth, c.choices))
         #: Task name -> hardened order; set by training, saved in the bank header.
         self.source_orders: dict[str, Order] = {}
@@ -285,7 +463,7 @@ class CompositionalNet(nn.Module):
     def stem_for(self, task: int) -> nn.Module:
         return self.stems[task if len(self.stems) > 1 else 0]
 
-    def head_for(self, task: int) -> Head:
+    def head_for(self, task: int) -> Head | TokenHead:
         return self.heads[task if len(self.heads) > 1 else 0]
 
     def task_index(self, task: int | str) -> int:
@@ -341,9 +519,10 @@ def _build(model: CompositionalNet) -> dict[str, Any]:
     return {
         "stem": Part(model, _stem, f"stem of task {task}"),
         "blocks": list(model.blocks),
+        # a vit bank's blocks have no statistics slots: the same module at every position
         "head": Part(model, partial(_tail, pre_logits=False), f"head of task {task}"),
         "features": Part(model, partial(_tail, pre_logits=True), f"features of task {task}"),
-        "block_at": block_at,
+        "block_at": block_at if c.family == "isoresnet" else None,
         "source_orders": dict(model.source_orders) or None,
         "data_config": {
             "input_size": (c.in_chans, c.input_size, c.input_size),

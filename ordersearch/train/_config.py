@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from ..adapters.compositional import parse_block_arch
 from ..errors import OrderSearchError, one_line
 from ..order import Order
 from ._mixing import TemperatureSchedule
@@ -65,7 +66,10 @@ class TrainConfig:
 
     Args:
         tasks: The tasks, trained jointly (strings ``[name=]data-spec`` or :class:`TaskSpec`).
-        arch: Block architecture: ``isoresnet[:width=..,in_chans=..,input_size=..]``.
+        arch: Block architecture: ``isoresnet[:width=..,in_chans=..,input_size=..]``, timm ViT
+            blocks ``vit[:width=..,heads=..,patch=..,mlp_ratio=..]`` or a timm ViT's shape
+            ``timm:vit_tiny_patch16_224[,patch=4,input_size=16,width=..]`` (see
+            :func:`~ordersearch.adapters.compositional.parse_block_arch`).
         n_blocks: K, the number of shared blocks.
         depth: L, positions per order (default: ``len(order)`` or K); ``depth > K`` reuses blocks.
         order: A fixed order for every task (no soft search): ``order="0-1-0-1"`` with
@@ -75,7 +79,8 @@ class TrainConfig:
         norm: BatchNorm statistics per ``position``, per ``task`` and position, ``shared``,
             or ``auto``: ``task`` for several tasks, else ``position`` unless the order is
             fixed and uses each block once (then ``shared``). A bank runs task 0's
-            statistics (``task_bank`` gives another task's view).
+            statistics (``task_bank`` gives another task's view). ViT blocks normalise with
+            LayerNorm, which keeps no statistics: ``auto`` is ``shared`` for them.
         affine: ``shared`` or ``slot`` (BatchNorm affine parameters per statistics slot too).
         mixing: ``outputs`` (weighted sum of block outputs) or ``weights`` (one block with
             mixed parameters).
@@ -89,6 +94,8 @@ class TrainConfig:
         epochs: Epochs of the soft phase.
         batch_size: Images per task per step.
         lr: Peak AdamW learning rate of blocks, stems and heads (cosine decay).
+        warmup_epochs: Epochs over which that learning rate first rises linearly from zero
+            (Vision Transformers trained from scratch want a few; 0: none).
         order_lr: AdamW learning rate of the mixing logits (no weight decay).
         weight_decay: AdamW weight decay of blocks, stems and heads.
         label_smoothing: Cross-entropy label smoothing.
@@ -128,6 +135,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 32
     lr: float = 1e-2
+    warmup_epochs: float = 0.0
     order_lr: float = 0.05
     weight_decay: float = 1e-4
     label_smoothing: float = 0.0
@@ -160,8 +168,15 @@ class TrainConfig:
                 raise OrderSearchError(f"{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}")
         if self.threads is not None and self.threads < 1:
             raise OrderSearchError(f"threads must be >= 1, got {self.threads}")
+        if self.warmup_epochs < 0:
+            raise OrderSearchError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.n_blocks < 1 or self.epochs < 0 or self.harden_epochs < 0 or self.batch_size < 1:
             raise OrderSearchError("n_blocks and batch_size must be >= 1; epochs and harden_epochs >= 0")
+        set_(self, "block_arch", parse_block_arch(self.arch))  # arch errors before any data is read
+        if self.block_arch["family"] == "vit" and (self.norm not in ("auto", "shared") or self.affine != "shared"):
+            raise OrderSearchError(f"arch {self.arch!r} has LayerNorm blocks, which keep no running statistics: "
+                                   f"norm must be auto or shared and affine shared, got norm={self.norm}, "
+                                   f"affine={self.affine}")
         for o in self.fixed_orders().values():
             if o is not None:
                 o.validate(self.n_blocks)
@@ -193,6 +208,8 @@ class TrainConfig:
         runs each block once."""
         if self.norm != "auto":
             return self.norm
+        if self.block_arch["family"] == "vit":
+            return "shared"
         if len(self.tasks) > 1:
             return "task"
         fixed = list(self.fixed_orders().values())

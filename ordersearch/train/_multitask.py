@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,6 @@ from .._threads import torch_threads
 from ..adapters.compositional import CompositionalConfig, CompositionalNet, PositionalBatchNorm2d
 from ..bank import Bank
 from ..errors import OrderSearchError
-from ..isoresnet import parse_isoresnet_source
 from ..order import Order
 from ._config import TaskSpec, TrainConfig
 from ._mixing import entropy, harden, make_mixing, mixing_weights, top_weight
@@ -176,12 +176,9 @@ class _Run:
         from ..data import load
 
         c = self.config
-        arch = parse_isoresnet_source(c.arch if ":" in c.arch else c.arch + ":")
-        if not c.arch.startswith("isoresnet"):
-            raise OrderSearchError(f"train_bank builds isoresnet blocks; got arch {c.arch!r} "
-                                   "(fine-tune other banks with warm_start)")
-        data_config = {"input_size": (arch.in_chans, arch.input_size, arch.input_size),
-                       "mean": (0.5,) * arch.in_chans, "std": (0.5,) * arch.in_chans}
+        arch = c.block_arch
+        data_config = {"input_size": (arch["in_chans"], arch["input_size"], arch["input_size"]),
+                       "mean": (0.5,) * arch["in_chans"], "std": (0.5,) * arch["in_chans"]}
         self.data = [load(t.data, data_config, seed=c.seed) for t in c.tasks]
         classes = [d.num_classes for d in self.data]
         if any(n is None for n in classes):
@@ -190,10 +187,10 @@ class _Run:
             raise OrderSearchError(f"a shared head needs tasks with one class count; got {classes}")
         n_tasks = len(c.tasks)
         self.arch = CompositionalConfig(
-            width=arch.width, blocks=c.n_blocks, depth=c.resolved_depth, tasks=n_tasks,
+            blocks=c.n_blocks, depth=c.resolved_depth, tasks=n_tasks,
             classes=tuple(classes[:1] if c.head == "shared" else classes),
             stems=1 if c.stem == "shared" else n_tasks, norm=c.resolved_norm, affine=c.affine,
-            skip=c.skip, in_chans=arch.in_chans, input_size=arch.input_size,
+            skip=c.skip, **arch,
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(c.seed)
@@ -214,8 +211,9 @@ class _Run:
             [{"params": others, "lr": c.lr, "weight_decay": c.weight_decay},
              {"params": logits, "lr": c.order_lr, "weight_decay": 0.0}]
         )
+        warmup = c.warmup_epochs * self.steps_per_epoch
         self.sched = torch.optim.lr_scheduler.LambdaLR(
-            self.opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
+            self.opt, [partial(_lr_factor, total=total_steps, warmup=warmup), partial(_lr_factor, total=total_steps)]
         )
         self.gen = torch.Generator().manual_seed(c.seed + 1)
         self.loss_fn = nn.CrossEntropyLoss(label_smoothing=c.label_smoothing)
@@ -423,8 +421,10 @@ def recalibrate(net: CompositionalNet, orders: Sequence[Order], train: Sequence[
     for t, order in enumerate(orders):
         for pos, k in enumerate(order):
             slot = net.slot(t, pos)
-            norms += [(net.blocks[k].norm1, slot), (net.blocks[k].norm2, slot)]
-        norms.append((net.head_for(t).norm, None))
+            norms += [(m, slot) for m in net.blocks[k].modules() if isinstance(m, PositionalBatchNorm2d)]
+        norms += [(m, None) for m in net.head_for(t).modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:  # LayerNorm (vit blocks): no statistics to re-estimate
+        return
     saved = {}
     for module, slot in norms:
         if slot is None:
@@ -444,6 +444,13 @@ def recalibrate(net: CompositionalNet, orders: Sequence[Order], train: Sequence[
         for module, momentum in saved.values():
             module.momentum = momentum
         net.train(was)
+
+
+def _lr_factor(step: int, *, total: int, warmup: float = 0.0) -> float:
+    """Learning-rate factor at ``step``: linear warm-up over ``warmup`` steps, then cosine decay
+    to zero at ``total`` (the order logits decay without warm-up)."""
+    cosine = 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    return cosine * min(1.0, (step + 1) / warmup) if warmup > 0 else cosine
 
 
 def _brief(metrics: dict[str, Any]) -> str:
