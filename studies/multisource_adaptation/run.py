@@ -20,12 +20,20 @@ test split, which no choice ever sees:
   (a reference, never a result).
 
 It also reports each objective's rank correlation with test accuracy over every order scored.
-Target labels only score. Writes ``RESULTS.md`` and ``figures/`` next to itself.
+Target labels only score.
 
-Run (about 10 minutes on 2 CPU cores)::
+The study runs on two block families: the isometric ResNet (``isoresnet``, BatchNorm: its report
+is ``RESULTS.md`` and ``figures/`` next to this file) and timm's Vision Transformer blocks
+(``vit``: ViT-Tiny's block layout narrowed to width 96, patch 4 at 16 px, trained from scratch by
+the same ``train_bank``; LayerNorm keeps no statistics, so AdaBN does not apply and the
+unmodified ``plain`` model is the baseline: ``vit/RESULTS.md`` and ``vit/figures/``). Each family
+also writes a ``summary.json`` that the other's report puts beside its own.
 
-    python studies/multisource_adaptation/run.py            # writes RESULTS.md and figures/
-    python studies/multisource_adaptation/run.py --quick    # 1 seed, 2 targets, short; report in --out
+Run (about 19 minutes per family on 2 CPU cores; over the studies' 15-minute aim, hence --quick)::
+
+    python studies/multisource_adaptation/run.py                   # both families, both reports
+    python studies/multisource_adaptation/run.py --family vit      # one family, its report
+    python studies/multisource_adaptation/run.py --quick           # 1 seed, 2 targets, short; report in --out
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ import shutil
 import statistics
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +86,7 @@ TARGETS = [
     "digits:invert,noise=0.2",
     "digits:rotate=-30,contrast=0.5",
 ]
-BASE = dict(
+ISORESNET = dict(
     arch="isoresnet:width=16",
     n_blocks=4,
     depth=6,
@@ -96,6 +105,11 @@ BASE = dict(
     checkpoint_every=0,
     threads=1,  # the same bank on any machine (the searches are thread-invariant)
 )
+#: ViT-Tiny's block (3 heads, MLP ratio 4, timm's Block) at width 96 instead of 192, which costs
+#: as much per image as the isoresnet block here (192 costs 3.4 times more); a ViT trained from
+#: scratch on 600 images per domain needs more epochs and a lower learning rate (first tried: 2
+#: epochs at lr 1e-3 stayed at chance; 20 at 2e-3 reached 83-93% on the source domains).
+VIT = dict(ISORESNET, arch="timm:vit_tiny_patch16_224,width=96", epochs=20, lr=2e-3, weight_decay=0.05)
 OBJECTIVES = ("infomax", "bnm", "snd", "entropy")
 EVOLUTION_TRIALS = 60  # the baseline and the source orders included
 #: Target images the objectives and searchers see: a seeded half of the search split (1078),
@@ -107,6 +121,31 @@ BATCH = 10
 #: cache-resident passes beat one memory-bound one; kept so the committed figures reproduce).
 ENGINE = EngineConfig(norm="target", batch_size=2048)
 SEEDS = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What differs between the block families: training, engine, report folder and words."""
+
+    name: str
+    train: dict[str, Any]
+    engine: EngineConfig
+    folder: Path  # where its committed report goes
+    blocks: str  # "isometric ResNet blocks", ...
+    norm: str  # how its blocks normalise, for the report
+    base: str  # the verdicts' baseline, as a column label
+    base_short: str  # the same, beside the other family's
+
+
+FAMILIES = {
+    "isoresnet": Family("isoresnet", ISORESNET, ENGINE, HERE, "isometric ResNet blocks",
+                        "BatchNorm statistics per task and position; every order runs with statistics re-estimated "
+                        "on the scored images (AdaBN per order, `norm=\"target\"`)", "AdaBN", "AdaBN"),
+    "vit": Family("vit", VIT, EngineConfig(norm="source", batch_size=2048), HERE / "vit",
+                  "timm Vision Transformer blocks", "LayerNorm, which keeps no statistics: nothing is re-estimated "
+                  "(`norm=\"source\"`), AdaBN does not apply and the unmodified `plain` model is the baseline",
+                  "baseline (= unmodified)", "= unmodified"),
+}
 
 log = logging.getLogger("multisource")
 
@@ -132,7 +171,7 @@ def sd(v: list[float]) -> float:
 
 
 # --- one target -----------------------------------------------------------------------------
-def adapt(bank: Any, seed: int, spec: str, out: Path, trials: int) -> dict[str, Any]:
+def adapt(bank: Any, seed: int, spec: str, out: Path, trials: int, engine: EngineConfig) -> dict[str, Any]:
     """Every comparison for one (seed, target) pair."""
     t0 = time.perf_counter()
     names = list(bank.source_orders)
@@ -140,7 +179,7 @@ def adapt(bank: Any, seed: int, spec: str, out: Path, trials: int) -> dict[str, 
     distinct = list(dict.fromkeys(orders.values()))
     data = load(spec, bank.data_config, seed=seed)
     storage, tag = sqlite_url(out / "study.db"), spec.split(":", 1)[1]
-    common = dict(bank=bank, data=data, engine=ENGINE, seed=seed, baseline=names[0], storage=storage,
+    common = dict(bank=bank, data=data, engine=engine, seed=seed, baseline=names[0], storage=storage,
                   batch_size=BATCH, n_images=SEARCH_IMAGES, selection=SelectionConfig(reliability_orders=0))
     picks = {obj: SearchJob(objective=obj, searcher="sources", n_trials=len(distinct) + 1,
                             study_name=f"sources-{obj}-{tag}", **common).run() for obj in OBJECTIVES}
@@ -154,8 +193,8 @@ def adapt(bank: Any, seed: int, spec: str, out: Path, trials: int) -> dict[str, 
     scored = [Order.parse(t.user_attrs["order"]) for t in evolved.study.trials if "order" in t.user_attrs]
     candidates = list(dict.fromkeys([bank.identity, *distinct, *scored]))
     test_es = held_out(get_objective("head"), splits.search, splits.test)
-    acc = {str(s.order): s.value for s in ENGINE.build(bank, test_es, "head").evaluate(candidates) if s.ok}
-    by_order = {str(s.order): s.metrics for s in ENGINE.build(bank, splits.select, Several()).evaluate(candidates)
+    acc = {str(s.order): s.value for s in engine.build(bank, test_es, "head").evaluate(candidates) if s.ok}
+    by_order = {str(s.order): s.metrics for s in engine.build(bank, splits.select, Several()).evaluate(candidates)
                 if s.ok}
     values = {obj: {k: m[obj] for k, m in by_order.items()} for obj in OBJECTIVES}
     own = {k: Engine(task_bank(bank, k), test_es, "head", norm="source", batch_size=2048).evaluate([orders[k]])[0].value
@@ -169,7 +208,9 @@ def adapt(bank: Any, seed: int, spec: str, out: Path, trials: int) -> dict[str, 
     oracle = max(names, key=lambda k: acc[str(orders[k])])
     rec = {
         "target": spec, "seed": seed, "sizes": evolved.sizes, "orders": {k: str(v) for k, v in orders.items()},
-        "identity": str(bank.identity), "unmodified": picks["infomax"].reference,
+        "identity": str(bank.identity),
+        # the unmodified model: the job measures it when it re-estimates statistics, else it is the baseline
+        "unmodified": picks["infomax"].reference if engine.norm == "target" else acc[str(orders[names[0]])],
         "adabn": acc[str(orders[names[0]])], "own_stats": own,
         "target_stats": {k: acc[str(orders[k])] for k in names}, "identity_target_stats": acc[str(bank.identity)],
         "picks": {obj: _job_record(r, orders) for obj, r in picks.items()},
@@ -219,36 +260,54 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1 seed, 2 targets, 2+1 epochs, 20 trials (smoke test)")
     parser.add_argument("--out", default=str(HERE / "runs"), help="run folders (ignored by git)")
+    parser.add_argument("--family", choices=[*FAMILIES, "both"], default="both",
+                        help="block family: isoresnet, vit or both (default)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     for name in ("matplotlib", "ordersearch"):
         logging.getLogger(name).setLevel(logging.WARNING)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-    settings = dict(BASE, epochs=2, harden_epochs=1) if args.quick else dict(BASE)
-    seeds = SEEDS[:1] if args.quick else SEEDS
-    targets = TARGETS[:2] if args.quick else TARGETS
-    trials = 20 if args.quick else EVOLUTION_TRIALS
+    for name in FAMILIES if args.family == "both" else [args.family]:
+        run_family(FAMILIES[name], args.quick, Path(args.out))
+
+
+def run_family(fam: Family, quick: bool, runs: Path) -> None:
+    """Train, adapt and report one block family."""
+    settings = dict(fam.train, epochs=2, harden_epochs=1) if quick else dict(fam.train)
+    seeds = SEEDS[:1] if quick else SEEDS
+    targets = TARGETS[:2] if quick else TARGETS
+    trials = 20 if quick else EVOLUTION_TRIALS
+    folders = {name: report_folder(f, quick, runs) for name, f in FAMILIES.items()}
+    runs = runs / fam.name if fam.name != "isoresnet" else runs
     start = time.perf_counter()
     trained, records, train_seconds = {}, [], {}
     for seed in seeds:
-        out = Path(args.out) / f"seed{seed}"
+        out = runs / f"seed{seed}"
         if out.exists():  # a fresh run every time: the studies would otherwise resume (and time nothing)
             shutil.rmtree(out)
         config = TrainConfig.from_dict({"tasks": SOURCES, **settings, "seed": seed})
         t0 = time.perf_counter()
         result = train_bank(config, out=out / "bank", resume=False)
         train_seconds[seed] = time.perf_counter() - t0
-        log.info("seed %d: trained in %.0f s, orders %s", seed, train_seconds[seed],
+        log.info("%s seed %d: trained in %.0f s, orders %s", fam.name, seed, train_seconds[seed],
                  {k: str(v) for k, v in result.orders.items()})
         trained[seed] = result
         for spec in targets:
-            records.append(adapt(result.bank, seed, spec, out, trials))
+            records.append(adapt(result.bank, seed, spec, out, trials, fam.engine))
         (out / "records.json").write_text(json.dumps([r for r in records if r["seed"] == seed], indent=2) + "\n")
     total = time.perf_counter() - start
-    # --quick writes its report into --out, never over the committed one
-    write_results(trained, records, seeds, targets, train_seconds, total, Path(args.out) if args.quick else HERE)
-    print(f"done in {total:.0f} s")
+    folders[fam.name].mkdir(parents=True, exist_ok=True)
+    write_results(fam, trained, records, seeds, targets, train_seconds, total, folders)
+    print(f"{fam.name}: done in {total:.0f} s")
+
+
+def report_folder(fam: Family, quick: bool, runs: Path) -> Path:
+    """Where a family's report goes: next to this file, or (--quick) into the run folders,
+    never over the committed one."""
+    if not quick:
+        return fam.folder
+    return runs / fam.name if fam.name != "isoresnet" else runs
 
 
 # --- the report -----------------------------------------------------------------------------
@@ -261,15 +320,19 @@ def pm(v: list[float]) -> str:
     return f"{pct(mean(v))} ± {pct(sd(v))}" if len(v) > 1 else pct(mean(v))
 
 
-def write_results(trained, records, seeds, targets, train_seconds, total, folder: Path) -> None:
+def write_results(fam: Family, trained, records, seeds, targets, train_seconds, total,
+                  folders: dict[str, Path]) -> None:
+    folder = folders[fam.name]
     cfg = trained[seeds[0]].config
+    base = fam.base
     names = [t.split("=", 1)[0] for t in SOURCES]
     by_target = {t: [r for r in records if r["target"] == t] for t in targets}
     n = len(records)
     lines = [
-        "# Multi-source adaptation by reordering frozen blocks (digits)",
+        f"# Multi-source adaptation by reordering frozen blocks (digits, {fam.blocks})",
         "",
-        "Written by `.venv/bin/python studies/multisource_adaptation/run.py` on "
+        f"Written by `.venv/bin/python studies/multisource_adaptation/run.py --family {fam.name}` (or without "
+        "`--family`: both families) on "
         f"{_dt.datetime.now().strftime('%Y-%m-%d %H:%M')} (ordersearch {ordersearch.__version__}, "
         f"torch {torch.__version__}, Python {platform.python_version()}, {platform.machine()}, "
         f"{os.cpu_count()} CPU cores; {total:.0f} s in all, of which {sum(train_seconds.values()):.0f} s training "
@@ -278,25 +341,30 @@ def write_results(trained, records, seeds, targets, train_seconds, total, folder
         "## Setup",
         "",
         "Source domains, trained jointly on one bank by `train_bank`: " + ", ".join(f"`{t}`" for t in SOURCES) + ". "
-        f"K = {cfg.n_blocks} shared isometric ResNet blocks (`{cfg.arch}`), soft orders of depth "
-        f"L = {cfg.resolved_depth}, {cfg.stem} stem and {cfg.head} head, mixing over block {cfg.mixing}, "
-        f"BatchNorm statistics per {cfg.resolved_norm} and position; temperature {cfg.temperature.start} → "
+        f"K = {cfg.n_blocks} shared {fam.blocks} (`{cfg.arch}`), soft orders of depth "
+        f"L = {cfg.resolved_depth}, {cfg.stem} stem and {cfg.head} head, mixing over block {cfg.mixing}; "
+        f"temperature {cfg.temperature.start} → "
         f"{cfg.temperature.end} ({cfg.temperature.shape}) over {cfg.epochs} epochs, weights below {cfg.prune} pruned, "
-        f"then {cfg.harden_epochs} epochs with the hardened orders; AdamW lr {cfg.lr} (orders {cfg.order_lr}), batch "
+        f"then {cfg.harden_epochs} epochs with the hardened orders; AdamW lr {cfg.lr} (orders {cfg.order_lr}, weight "
+        f"decay {cfg.weight_decay}), batch "
         f"{cfg.batch_size} per domain; seeds {list(seeds)} (seed of training, data splits, shifts, searchers and "
         "bootstrap).",
         "",
         "Targets (held out, unlabelled): " + ", ".join(f"`{t}`" for t in targets) + ". Each target's data is split "
         f"as `SearchJob` does: *search* ({records[0]['sizes']['search']} images, a seeded half of the train split, "
-        "what the objectives and searchers see), *select* ({records[0]['sizes']['select']}, where finalists are re-scored) and *test* "
-        f"({records[0]['sizes']['test']}, labelled, used only to judge). All orders run with BatchNorm statistics "
-        "re-estimated on the scored images (AdaBN per order, `norm=\"target\"`) and the shared head; accuracies in %.",
+        f"what the objectives and searchers see), *select* ({records[0]['sizes']['select']}, where finalists are "
+        f"re-scored) and *test* ({records[0]['sizes']['test']}, labelled, used only to judge). Blocks normalise "
+        f"with {fam.norm}. All orders are read by the shared head; accuracies in %.",
         "",
-        "Rows: **unmodified** = the `plain` model (its order, its own statistics); **AdaBN** = the `plain` order "
-        "with target statistics, the baseline of every verdict; **mean source** = the average of the four source "
-        "orders with target statistics; **pick by X** = `SearchJob(searcher=\"sources\", objective=X)`: the identity "
+        "Rows: **unmodified** = the `plain` model (its order" + (", its own statistics" if fam.name == "isoresnet" else "")
+        + "); "
+        + ("**AdaBN** = the `plain` order with target statistics, the baseline of every verdict; **mean source** = "
+           "the average of the four source orders with target statistics; " if fam.name == "isoresnet" else
+           f"**{base}** = the same model (nothing to re-estimate), the baseline of every verdict; **mean source** = "
+           "the average of the four source orders; ")
+        + "**pick by X** = `SearchJob(searcher=\"sources\", objective=X)`: the identity "
         "and the source orders scored on *search*, re-scored on *select*, the best there returned and judged on "
-        f"*test* against AdaBN (paired bootstrap, 95%); **evolution** = `SearchJob(searcher=\"evolution\")`, "
+        f"*test* against the {base} (paired bootstrap, 95%); **evolution** = `SearchJob(searcher=\"evolution\")`, "
         f"{EVOLUTION_TRIALS} trials of `infomax` seeded with the source orders, the same selection and verdict; "
         "**oracle source** / **oracle all** = the best source order / the best of every order scored (about "
         f"{round(mean([r['n_candidates'] for r in records]))} per pair), by test labels: references, not results.",
@@ -305,7 +373,7 @@ def write_results(trained, records, seeds, targets, train_seconds, total, folder
         "",
         "Test accuracy, mean ± standard deviation over the seeds:",
         "",
-        "| target | unmodified | AdaBN | mean source | pick by infomax | evolution | oracle source | oracle all |",
+        f"| target | unmodified | {base} | mean source | pick by infomax | evolution | oracle source | oracle all |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for t, rs in by_target.items():
@@ -324,12 +392,12 @@ def write_results(trained, records, seeds, targets, train_seconds, total, folder
 
     # --- each objective's choice
     lines += ["", "### Which objective chooses the source order", "",
-              "Over all (target, seed) pairs: the chosen order's test accuracy, its gain over AdaBN, the verdicts "
+              f"Over all (target, seed) pairs: the chosen order's test accuracy, its gain over the {base}, the verdicts "
               "(improved / within noise / worse: the 95% interval of the gain on test above zero, around it, below "
               "it), how often the choice was the oracle source order's accuracy, and the objective's Spearman rank "
               "correlation with test accuracy over the identity + source orders and over every order scored (the "
               "objective on the unlabelled *select* images, the accuracy on *test*).", "",
-              "| choice | test acc | gain over AdaBN | improved / within noise / worse | = oracle source | "
+              f"| choice | test acc | gain over {base} | improved / within noise / worse | = oracle source | "
               "regret vs oracle source | Spearman (sources) | Spearman (all) |",
               "|---|---|---|---|---|---|---|---|"]
     for obj in [*OBJECTIVES, "evolution"]:
@@ -354,7 +422,7 @@ def write_results(trained, records, seeds, targets, train_seconds, total, folder
 
     # --- per pair
     lines += ["", "### Every pair", "",
-              "| target | seed | unmodified | AdaBN | rot | inv | blur | infomax pick | evolution | verdict "
+              f"| target | seed | unmodified | {base} | rot | inv | blur | infomax pick | evolution | verdict "
               "(infomax pick, 95% CI of the gain) | verdict (evolution) |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
@@ -364,16 +432,16 @@ def write_results(trained, records, seeds, targets, train_seconds, total, folder
             + " | ".join(pct(r["target_stats"][k]) for k in names[1:])
             + f" | {pct(p['test'])} ({p['source'] or p['order']}) | {pct(e['test'])} (`{e['order']}`) | "
             f"{p['verdict']} ({100 * p['low']:+.1f}..{100 * p['high']:+.1f}) | {e['verdict']} |")
-    lines += ["", *_reading(records, targets), "",
+    lines += ["", *_reading(fam, records, targets), "", *_beside(fam, records, trained, seeds, total, folders), "",
               "![test accuracy per target](figures/accuracy.png)", "",
               "Per-pair records (every scored order's objective values and accuracy) are in `runs/seed*/records.json`, "
               "the Optuna studies with each `SearchJob`'s result in `runs/seed*/study.db`, each bank's training run in "
               "`runs/seed*/bank/` (not committed).", ""]
     (folder / "RESULTS.md").write_text("\n".join(lines))
-    _figure(by_target, folder)
+    _figure(fam, by_target, folder)
 
 
-def _reading(records: list[dict[str, Any]], targets: list[str]) -> list[str]:
+def _reading(fam: Family, records: list[dict[str, Any]], targets: list[str]) -> list[str]:
     """Plain-words findings computed from the records (written by the script, not by hand)."""
     n = len(records)
     pick = [r["picks"]["infomax"] for r in records]
@@ -387,9 +455,13 @@ def _reading(records: list[dict[str, Any]], targets: list[str]) -> list[str]:
     best_obj = max(OBJECTIVES, key=lambda o: mean([r["spearman_all"][o] for r in records]))
     ident = sum(p["order"] == records[0]["identity"] for p in pick)
     out = ["## Reading", ""]
-    out.append(f"- AdaBN alone moves the `plain` model by {100 * mean(adabn):+.1f} points on average "
-               f"(from {pct(mean([r['unmodified'] for r in records]))} to {pct(mean([r['adabn'] for r in records]))}).")
-    out.append(f"- Choosing a source order by `infomax` gains {100 * mean(gain):+.1f} points over AdaBN on average; "
+    if fam.name == "isoresnet":
+        out.append(f"- AdaBN alone moves the `plain` model by {100 * mean(adabn):+.1f} points on average (from "
+                   f"{pct(mean([r['unmodified'] for r in records]))} to {pct(mean([r['adabn'] for r in records]))}).")
+    else:
+        out.append("- LayerNorm keeps no statistics: there is no AdaBN to compare with, and every gain below is over "
+                   f"the unmodified `plain` model ({pct(mean([r['unmodified'] for r in records]))} on average).")
+    out.append(f"- Choosing a source order by `infomax` gains {100 * mean(gain):+.1f} points over the {fam.base} on average; "
                f"the held-out verdict is `improved` in {improved} of {n} pairs and `worse` in {worse}; the rest are "
                f"within noise and reported as such. The choice was the identity order in {ident} of {n} pairs.")
     out.append(f"- Evolving new orders from the source orders changes the test accuracy by {100 * mean(evo):+.1f} "
@@ -407,7 +479,48 @@ def _reading(records: list[dict[str, Any]], targets: list[str]) -> list[str]:
     return out
 
 
-def _figure(by_target: dict[str, list[dict[str, Any]]], folder: Path) -> None:
+def _beside(fam: Family, records: list[dict[str, Any]], trained: dict[int, Any], seeds: Any, total: float,
+            folders: dict[str, Path]) -> list[str]:
+    """Write this family's ``summary.json``; a table of it beside every other family's summary
+    found in its report folder (written by that family's own run)."""
+    pick = [r["picks"]["infomax"] for r in records]
+    summary = {
+        "family": fam.name, "blocks": fam.blocks, "arch": trained[seeds[0]].config.arch, "seeds": list(seeds),
+        "pairs": len(records), "params": sum(p.numel() for n, p in trained[seeds[0]].bank.model.named_parameters()
+                                             if n != "logits"),
+        "source_accuracy": mean([m["final_test_accuracy"] for t in trained.values() for m in t.metrics.values()]),
+        "unmodified": mean([r["unmodified"] for r in records]), "baseline": mean([r["adabn"] for r in records]),
+        "baseline_name": fam.base_short, "mean_source": mean([mean(list(r["target_stats"].values())) for r in records]),
+        "infomax_pick": mean([p["test"] for p in pick]),
+        "verdicts": [sum(p["verdict"] == v for p in pick) for v in ("improved", "within noise", "worse")],
+        "evolution": mean([r["evolution"]["test"] for r in records]),
+        "oracle_source": mean([r["oracle_acc"] for r in records]), "seconds": round(total),
+    }
+    (folders[fam.name] / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    rows = [summary]
+    for name in FAMILIES:
+        path = folders[name] / "summary.json"
+        if name != fam.name and path.is_file():
+            rows.append(json.loads(path.read_text()))
+    if len(rows) < 2:
+        return []
+    rows.sort(key=lambda r: list(FAMILIES).index(r["family"]))
+    out = ["## Beside the other block family", "",
+           "All pairs, test accuracy in % (each family's figures from its own run of this script, read from its "
+           "`summary.json`: " + ", ".join(f"{r['family']} on seeds {r['seeds']}, {r['pairs']} pairs" for r in rows)
+           + "):", "",
+           "| blocks | weights | source domains (own order) | unmodified | baseline of the verdicts | mean source | "
+           "pick by infomax | improved / within noise / worse | evolution | oracle source |",
+           "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['blocks']} (`{r['arch']}`) | {r['params'] / 1000:.0f}k | {pct(r['source_accuracy'])} | "
+                   f"{pct(r['unmodified'])} | {pct(r['baseline'])} ({r['baseline_name']}) | {pct(r['mean_source'])} | "
+                   f"{pct(r['infomax_pick'])} | {' / '.join(map(str, r['verdicts']))} | {pct(r['evolution'])} | "
+                   f"{pct(r['oracle_source'])} |")
+    return out
+
+
+def _figure(fam: Family, by_target: dict[str, list[dict[str, Any]]], folder: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -416,7 +529,7 @@ def _figure(by_target: dict[str, list[dict[str, Any]]], folder: Path) -> None:
     (folder / "figures").mkdir(exist_ok=True)
     series = {
         "unmodified plain": lambda r: r["unmodified"],
-        "AdaBN (plain)": lambda r: r["adabn"],
+        **({"AdaBN (plain)": lambda r: r["adabn"]} if fam.name == "isoresnet" else {}),
         "pick by infomax": lambda r: r["picks"]["infomax"]["test"],
         "evolution": lambda r: r["evolution"]["test"],
         "oracle source": lambda r: r["oracle_acc"],
@@ -432,7 +545,7 @@ def _figure(by_target: dict[str, list[dict[str, Any]]], folder: Path) -> None:
     ax.set_xticks(range(len(targets)))
     ax.set_xticklabels([t.split(":", 1)[1] for t in targets], rotation=20, ha="right", fontsize=8)
     ax.set_ylabel("test accuracy (%), mean ± sd over seeds")
-    ax.set_title("Multi-source adaptation by reordering frozen blocks (digits, held-out targets)")
+    ax.set_title(f"Multi-source adaptation by reordering frozen {fam.blocks} (digits, held-out targets)")
     ax.legend(fontsize=8, ncol=5, loc="upper center", bbox_to_anchor=(0.5, -0.25))
     fig.tight_layout()
     fig.savefig(folder / "figures" / "accuracy.png", dpi=120)
