@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -342,3 +343,19 @@ def test_weight_mixing_of_vit_blocks_equals_one_block_with_mixed_parameters():
 def test_bad_block_architectures_are_refused_before_any_training(settings, message):
     with pytest.raises(OrderSearchError, match=message):
         TrainConfig.from_dict({"tasks": ["digits:n=100"], **settings})
+
+
+def test_warmup_raises_the_block_learning_rate_linearly_then_decays_it(tmp_path):
+    from ordersearch.train._multitask import _lr_factor, _Run
+
+    assert [round(_lr_factor(s, total=10**6, warmup=4), 3) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert _lr_factor(5, total=100, warmup=4) == _lr_factor(5, total=100)  # after warm-up: the cosine
+    assert _lr_factor(0, total=100) == 1.0 and _lr_factor(100, total=100) == 0.0
+    with pytest.raises(OrderSearchError, match="warmup_epochs"):
+        TrainConfig.from_dict({"tasks": ["digits"], "warmup_epochs": -1})
+    config = TrainConfig.from_dict({"tasks": TASKS, **TINY, "warmup_epochs": 2, "lr": 0.01, "order_lr": 0.05})
+    run = _Run(config, tmp_path, None)
+    run._setup()
+    steps = math.ceil(120 / 32)  # 60% of 200 images train, in batches of 32
+    blocks, orders = run.sched.get_last_lr()
+    assert blocks == pytest.approx(0.01 / (2 * steps)) and orders == pytest.approx(0.05)  # logits: no warm-up
