@@ -112,6 +112,17 @@ class DemoConfig:
         """The multi-source bank's domains (``name=spec``)."""
         return [t.strip() for t in self.sources.split(";") if t.strip()]
 
+    def check_sources(self) -> None:
+        """Read every source domain's data and check the multi-source training settings, so a
+        bad ``sources`` spec fails in a second, before any bank is trained."""
+        from .data import load
+
+        train = self.sources_training()
+        arch = train.block_arch
+        size = {"input_size": (arch["in_chans"], arch["input_size"], arch["input_size"])}
+        for task in train.tasks:
+            load(task.data, size, seed=self.seed)
+
     def sources_training(self) -> TrainConfig:
         """How the multi-source bank is trained: the paper's soft orders over shared blocks, a
         shared stem and head, BatchNorm statistics per domain and position, on one thread."""
@@ -278,6 +289,7 @@ def run_demo(config: DemoConfig = DemoConfig(), out: str | Path = "runs/demo", *
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "config.json", json.dumps(asdict(config), indent=2) + "\n")
+    config.check_sources()
     bank, source_acc, reused = source_bank(config, out, progress)
     multi, sources, multi_reused = sources_bank(config, out, progress)
     storage = sqlite_url(out / "study.db")

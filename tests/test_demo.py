@@ -63,3 +63,14 @@ def test_demo_cli_prints_the_comparison_and_the_verdicts(tmp_path, capsys):
     for part in ("search", "adapt"):
         line = next(x for x in out.splitlines() if x.startswith(f"{part} verdict: "))
         assert line.endswith(VERDICTS)
+
+
+def test_a_bad_source_spec_fails_before_any_bank_is_trained(tmp_path):
+    from dataclasses import replace
+
+    from ordersearch.errors import OrderSearchError
+
+    bad = replace(TINY, sources="plain=digits:n=200;x=nope:foo")
+    with pytest.raises(OrderSearchError, match="nope"):
+        run_demo(bad, tmp_path)
+    assert not (tmp_path / "bank.safetensors").exists() and not (tmp_path / "sources").exists()
