@@ -103,6 +103,12 @@ class DemoConfig:
                      "sources_depth", "sources_epochs"):
             if getattr(self, name) < 1:
                 raise SearchError(f"demo {name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        from .adapters.compositional import parse_block_arch
+
+        if parse_block_arch(self.sources_arch)["family"] != "isoresnet":
+            raise SearchError(f"demo sources-arch must be isoresnet[:...] (the demo compares with AdaBN, which needs "
+                              f"BatchNorm), got {self.sources_arch!r}; train a ViT bank with `ordersearch train "
+                              "--set arch=timm:vit_tiny_patch16_224,...` (see studies/multisource_adaptation --family vit)")
         if len(self.source_tasks) < 2:
             raise SearchError(f"demo sources must name at least two domains as name=spec;name=spec, "
                               f"got {self.sources!r}")

@@ -74,3 +74,5 @@ def test_a_bad_source_spec_fails_before_any_bank_is_trained(tmp_path):
     with pytest.raises(OrderSearchError, match="nope"):
         run_demo(bad, tmp_path)
     assert not (tmp_path / "bank.safetensors").exists() and not (tmp_path / "sources").exists()
+    with pytest.raises(OrderSearchError, match="sources-arch must be isoresnet"):
+        replace(TINY, sources_arch="vit:width=24")

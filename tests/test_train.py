@@ -308,6 +308,12 @@ def test_a_vit_bank_is_trained_from_timm_blocks_and_its_saved_orders_run_in_the_
     # target statistics have nothing to re-estimate in LayerNorm blocks: the same scores
     again = Engine(bank, EvalSet(x, y), "head", norm="target").evaluate([order])
     assert again[0].value == pytest.approx(accuracy, abs=1e-9)
+    from ordersearch import EngineConfig, SearchJob, SelectionConfig
+
+    result = SearchJob(bank=bank, data=data, objective="infomax", searcher="sources", n_trials=3, baseline="inv",
+                       engine=EngineConfig(norm="target"), selection=SelectionConfig(reliability_orders=0)).run()
+    assert result.baseline_name == "source order 'inv'"  # not "(target statistics)": there are none
+    assert any("no BatchNorm" in n for n in result.notes)
 
 
 def test_weight_mixing_of_vit_blocks_equals_one_block_with_mixed_parameters():

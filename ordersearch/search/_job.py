@@ -514,7 +514,8 @@ class SearchJob:
             verdict=WITHIN_NOISE if chosen == base else deciding.verdict,
             select_interval=select_iv, test_interval=test_iv, objective=objective.name,
             truth=None if truth is None else truth.name,
-            baseline_name=f"{base_name} (target statistics)" if self.engine.norm == "target" else base_name,
+            baseline_name=f"{base_name} (target statistics)" if self.engine.norm == "target" and not no_norm
+            else base_name,
             reference=reference, reliability=self._reliability(splits.search, objective, found),
             sizes=splits.sizes(), notes=tuple(notes), settings=self._settings(found, splits),
             bank=bank_description(bank), engine_stats=dict(found.engine_stats), n_trials=len(found.trials),
