@@ -105,7 +105,7 @@ class DemoConfig:
                 raise SearchError(f"demo {name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         from .adapters.compositional import parse_block_arch
 
-        if parse_block_arch(self.sources_arch)["family"] != "isoresnet":
+        if parse_block_arch(self.sources_arch).family != "isoresnet":
             raise SearchError(f"demo sources-arch must be isoresnet[:...] (the demo compares with AdaBN, which needs "
                               f"BatchNorm), got {self.sources_arch!r}; train a ViT bank with `ordersearch train "
                               "--set arch=timm:vit_tiny_patch16_224,...` (see studies/multisource_adaptation --family vit)")
@@ -124,10 +124,8 @@ class DemoConfig:
         from .data import load
 
         train = self.sources_training()
-        arch = train.block_arch
-        size = {"input_size": (arch["in_chans"], arch["input_size"], arch["input_size"])}
         for task in train.tasks:
-            load(task.data, size, seed=self.seed)
+            load(task.data, train.block_arch.data_config, seed=self.seed)
 
     def sources_training(self) -> TrainConfig:
         """How the multi-source bank is trained: the paper's soft orders over shared blocks, a

@@ -44,6 +44,7 @@ from ._parts import Part
 from ._registry import register_adapter
 
 __all__ = [
+    "BlockArch",
     "BlockAt",
     "CompositionalConfig",
     "CompositionalNet",
@@ -191,8 +192,31 @@ def parse_compositional_source(text: str) -> CompositionalConfig:
 _VIT_KEYS = {"width": int, "heads": int, "patch": int, "mlp_ratio": float, "in_chans": int, "input_size": int}
 
 
-def parse_block_arch(text: str) -> dict[str, Any]:
-    """The block architecture of a training run, as :class:`CompositionalConfig` fields.
+@dataclass(frozen=True)
+class BlockArch:
+    """The blocks a training run builds (what ``TrainConfig.arch`` names): the
+    :class:`CompositionalConfig` fields that do not depend on the tasks."""
+
+    family: str = "isoresnet"
+    width: int = 16
+    in_chans: int = 1
+    input_size: int = 16
+    heads: int = 3
+    patch: int = 4
+    mlp_ratio: float = 4.0
+
+    def __post_init__(self) -> None:
+        CompositionalConfig(**asdict(self), norm="shared")  # width, heads, patch and sizes checked now
+
+    @property
+    def data_config(self) -> dict[str, Any]:
+        """The input size, mean and std the trained bank expects."""
+        return {"input_size": (self.in_chans, self.input_size, self.input_size),
+                "mean": (0.5,) * self.in_chans, "std": (0.5,) * self.in_chans}
+
+
+def parse_block_arch(text: str) -> BlockArch:
+    """The block architecture of a training run.
 
     Three forms:
 
@@ -205,7 +229,7 @@ def parse_block_arch(text: str) -> dict[str, Any]:
       narrow it.
 
     Example:
-        >>> parse_block_arch("vit:width=96")["heads"], parse_block_arch("isoresnet:width=8")["width"]
+        >>> parse_block_arch("vit:width=96").heads, parse_block_arch("isoresnet:width=8").width
         (3, 8)
     """
     from ..isoresnet import parse_isoresnet_source
@@ -214,7 +238,7 @@ def parse_block_arch(text: str) -> dict[str, Any]:
     scheme, _, body = text.partition(":")
     if scheme == "isoresnet":
         a = parse_isoresnet_source(text if ":" in text else text + ":")
-        return {"family": "isoresnet", "width": a.width, "in_chans": a.in_chans, "input_size": a.input_size}
+        return BlockArch("isoresnet", a.width, a.in_chans, a.input_size)
     if scheme not in ("vit", "timm"):
         raise BankError(f"block architecture {text!r}: expected isoresnet[:...], vit[:...] or timm:<vit model>[,...]")
     items = [s.strip() for s in body.split(",") if s.strip()]
@@ -234,8 +258,7 @@ def parse_block_arch(text: str) -> dict[str, Any]:
     if name is not None:
         out.update(_timm_vit_shape(name, settings))
     out.update(settings)
-    CompositionalConfig(**out, norm="shared")  # width, heads, patch and sizes checked now
-    return out
+    return BlockArch(**out)
 
 
 def _timm_vit_shape(name: str, settings: dict[str, Any]) -> dict[str, Any]:

@@ -109,6 +109,9 @@ class TrainConfig:
         threads: torch threads while training (default: as they are; recorded resolved in
             ``config.json``, as the weights a seed gives depend on it).
 
+    Attributes:
+        block_arch: ``arch`` parsed (:class:`~ordersearch.adapters.compositional.BlockArch`).
+
     Example:
         >>> cfg = TrainConfig.from_dict({"tasks": ["digits", "digits:invert"], "head": "shared"})
         >>> [t.name for t in cfg.tasks], cfg.resolved_norm
@@ -173,7 +176,7 @@ class TrainConfig:
         if self.n_blocks < 1 or self.epochs < 0 or self.harden_epochs < 0 or self.batch_size < 1:
             raise OrderSearchError("n_blocks and batch_size must be >= 1; epochs and harden_epochs >= 0")
         set_(self, "block_arch", parse_block_arch(self.arch))  # arch errors before any data is read
-        if self.block_arch["family"] == "vit" and (self.norm not in ("auto", "shared") or self.affine != "shared"):
+        if self.block_arch.family == "vit" and (self.norm not in ("auto", "shared") or self.affine != "shared"):
             raise OrderSearchError(f"arch {self.arch!r} has LayerNorm blocks, which keep no running statistics: "
                                    f"norm must be auto or shared and affine shared, got norm={self.norm}, "
                                    f"affine={self.affine}")
@@ -208,7 +211,7 @@ class TrainConfig:
         runs each block once."""
         if self.norm != "auto":
             return self.norm
-        if self.block_arch["family"] == "vit":
+        if self.block_arch.family == "vit":
             return "shared"
         if len(self.tasks) > 1:
             return "task"

@@ -15,7 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -176,10 +176,7 @@ class _Run:
         from ..data import load
 
         c = self.config
-        arch = c.block_arch
-        data_config = {"input_size": (arch["in_chans"], arch["input_size"], arch["input_size"]),
-                       "mean": (0.5,) * arch["in_chans"], "std": (0.5,) * arch["in_chans"]}
-        self.data = [load(t.data, data_config, seed=c.seed) for t in c.tasks]
+        self.data = [load(t.data, c.block_arch.data_config, seed=c.seed) for t in c.tasks]
         classes = [d.num_classes for d in self.data]
         if any(n is None for n in classes):
             raise OrderSearchError("every task needs labelled data")
@@ -190,7 +187,7 @@ class _Run:
             blocks=c.n_blocks, depth=c.resolved_depth, tasks=n_tasks,
             classes=tuple(classes[:1] if c.head == "shared" else classes),
             stems=1 if c.stem == "shared" else n_tasks, norm=c.resolved_norm, affine=c.affine,
-            skip=c.skip, **arch,
+            skip=c.skip, **asdict(c.block_arch),
         )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(c.seed)
