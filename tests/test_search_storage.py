@@ -119,6 +119,23 @@ def test_rerun_after_sigkill_completes_the_budget_at_once(tmp_path, searcher):
     assert after == before  # no finished trial lost or changed
 
 
+@pytest.fixture
+def python_sigint():
+    """SIGINT as Python sets it up in a terminal (KeyboardInterrupt), also when the tests run
+    in a background job or under nohup, which start processes with SIGINT ignored."""
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def _default_sigint() -> None:  # in the child before exec: Python then installs KeyboardInterrupt
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_fails_the_trials_in_flight_and_exits_130(tmp_path):
     """SIGINT fails every trial the worker holds (asked but not scored) with the reason, and
     the CLI exits 130."""
@@ -130,7 +147,7 @@ def test_sigint_fails_the_trials_in_flight_and_exits_130(tmp_path):
         [sys.executable, "-m", "ordersearch", "search", "--bank", "isoresnet:width=8,blocks=4,classes=10",
          "--data", "digits", "--n-images", "200", "--searcher", "tpe", "--trials", "400", "--batch-size", "8",
          "--no-progress", "--out", str(out)],
-        env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True)
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, stderr=subprocess.PIPE, text=True, preexec_fn=_default_sigint)
     url = f"sqlite:///{out / 'study.db'}"
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -169,7 +186,7 @@ def test_a_trial_asked_but_never_leased_is_reclaimed_once_it_is_old(tmp_path, mo
     assert sum(counts_toward_budget(t) for t in trials) == 6
 
 
-def test_ctrl_c_while_the_study_is_written_stops_after_the_write(tmp_path):
+def test_ctrl_c_while_the_study_is_written_stops_after_the_write(tmp_path, python_sigint):
     """SIGINT arriving while a worker writes the study (here: in a callback after a tell) is
     held until the write is done and raised at the next batch; nothing is left RUNNING and the
     database stays usable. SIGINT while blocks run interrupts at once."""
