@@ -39,7 +39,7 @@ from torch import nn
 from ..errors import BankError
 from ..isoresnet import IsoBlock
 from ..order import Order
-from ._load import register_source
+from ._load import build_source_model, register_source
 from ._parts import Part
 from ._registry import register_adapter
 
@@ -131,7 +131,7 @@ class CompositionalConfig:
             raise BankError(f"compositional: task must be in 0..{self.tasks - 1}, got {self.task}")
         if self.family == "vit":
             if self.norm != "shared" or self.affine != "shared":
-                raise BankError("compositional: vit blocks normalise with LayerNorm, which keeps no running "
+                raise BankError("compositional: vit blocks normalise with LayerNorm, whose layers keep no running "
                                 f"statistics: norm and affine must be shared, got norm={self.norm}, affine={self.affine}")
             if self.width % self.heads:
                 raise BankError(f"compositional: width {self.width} is not a multiple of heads {self.heads}")
@@ -263,19 +263,17 @@ def parse_block_arch(text: str) -> BlockArch:
 
 def _timm_vit_shape(name: str, settings: dict[str, Any]) -> dict[str, Any]:
     """Width, heads and MLP ratio of timm's ``name`` (built with random weights, one block)."""
-    import timm
-
-    kwargs = {"pretrained": False, "num_classes": 0, "depth": 1, "img_size": settings.get("input_size", 16),
+    kwargs = {"num_classes": 0, "depth": 1, "img_size": settings.get("input_size", 16),
               "patch_size": settings.get("patch", 4), "in_chans": settings.get("in_chans", 1)}
     if "width" in settings:
         kwargs["embed_dim"] = settings["width"]
     if "heads" in settings:
         kwargs["num_heads"] = settings["heads"]
     try:
-        model = timm.create_model(name, **kwargs)
-    except Exception as exc:  # unknown name, or kwargs the model does not take
+        model = build_source_model(f"timm:{name}", **kwargs)
+    except BankError as exc:  # unknown name (with close ones), or settings the model does not take
         raise BankError(f"timm could not build {name!r} as a Vision Transformer (depth, img_size, patch_size, "
-                        f"in_chans): {str(exc).splitlines()[0]}") from None
+                        f"in_chans): {exc}") from None
     block = next(iter(getattr(model, "blocks", [])), None)
     if not hasattr(model, "embed_dim") or block is None or not hasattr(block, "mlp") or not hasattr(block, "attn"):
         raise BankError(f"timm model {name!r} is not a plain Vision Transformer (embed_dim, blocks with attn "

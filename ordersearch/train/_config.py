@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..adapters.compositional import parse_block_arch
+from ..adapters.compositional import CompositionalConfig, parse_block_arch
 from ..errors import OrderSearchError, one_line
 from ..order import Order
 from ._mixing import TemperatureSchedule
@@ -175,11 +175,9 @@ class TrainConfig:
             raise OrderSearchError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.n_blocks < 1 or self.epochs < 0 or self.harden_epochs < 0 or self.batch_size < 1:
             raise OrderSearchError("n_blocks and batch_size must be >= 1; epochs and harden_epochs >= 0")
-        set_(self, "block_arch", parse_block_arch(self.arch))  # arch errors before any data is read
-        if self.block_arch.family == "vit" and (self.norm not in ("auto", "shared") or self.affine != "shared"):
-            raise OrderSearchError(f"arch {self.arch!r} has LayerNorm blocks, which keep no running statistics: "
-                                   f"norm must be auto or shared and affine shared, got norm={self.norm}, "
-                                   f"affine={self.affine}")
+        set_(self, "block_arch", parse_block_arch(self.arch))
+        # the architecture's own rules (e.g. no statistics slots for LayerNorm blocks), before any data is read
+        CompositionalConfig(**asdict(self.block_arch), norm=self.resolved_norm, affine=self.affine)
         for o in self.fixed_orders().values():
             if o is not None:
                 o.validate(self.n_blocks)

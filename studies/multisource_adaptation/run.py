@@ -48,6 +48,7 @@ import os
 import platform
 import shutil
 import statistics
+import sys
 import time
 import warnings
 from dataclasses import dataclass
@@ -67,6 +68,9 @@ from ordersearch.search import held_out, sqlite_url
 from ordersearch.train import TrainConfig, train_bank
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+from _common import n_params  # noqa: E402
 
 N = 1000  # images per source domain over train/val/test (600 train); n=600 left `inv` near chance
 SOURCES = [
@@ -494,8 +498,7 @@ def write_summary(fam: Family, trained, records, seeds, targets, train_seconds, 
     pick = [r["picks"]["infomax"] for r in records]
     summary = {
         "family": fam.name, "blocks": fam.blocks, "arch": trained[seeds[0]].config.arch, "seeds": list(seeds),
-        "pairs": len(records), "params": sum(p.numel() for n, p in trained[seeds[0]].bank.model.named_parameters()
-                                             if n != "logits"),
+        "pairs": len(records), "params": n_params(trained[seeds[0]].bank),
         "source_accuracy": mean([m["final_test_accuracy"] for t in trained.values() for m in t.metrics.values()]),
         "unmodified": mean([r["unmodified"] for r in records]), "baseline": mean([r["adabn"] for r in records]),
         "baseline_name": fam.base_short, "mean_source": mean([mean(list(r["target_stats"].values())) for r in records]),
