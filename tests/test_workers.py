@@ -104,12 +104,17 @@ def _kill_one_of_three(url: str, tmp_path: Path) -> None:
     held = False
     while time.monotonic() < deadline and not held:
         time.sleep(0.1)
+        # stopped while we look, so the trial it holds is still held when it is killed (a
+        # worker seen holding one could otherwise finish it before the kill arrives)
+        victim.send_signal(signal.SIGSTOP)
         try:
             trials = optuna.load_study(study_name="k", storage=url).get_trials(deepcopy=False)
-        except KeyError:
-            continue
+        except Exception:  # no study yet, or (SQLite) stopped inside a write: look again
+            trials = []
         held = sum(t.state == TrialState.COMPLETE for t in trials) >= 4 and any(
             t.state == TrialState.RUNNING and (t.user_attrs.get("lease") or {}).get("pid") == victim.pid for t in trials)
+        if not held:
+            victim.send_signal(signal.SIGCONT)
     if not held:
         for p in procs:
             p.kill()
