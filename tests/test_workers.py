@@ -30,13 +30,24 @@ from ordersearch.testing import make_problem
 url, name, n, searcher, barrier, n_workers, slow = sys.argv[1:8]
 p = make_problem(60)
 engine = p.engine()
-if slow == "1":  # slow enough for a worker to be killed in the middle of a batch
-    evaluate = engine.evaluate
-    def slowly(*a, **k):
-        time.sleep(0.3)
+import os, pathlib
+held = pathlib.Path(barrier).parent / "held"
+if slow == "1":  # the kill tests: one worker (HANG_AT set) stops inside a batch, the others wait for it
+    evaluate, calls, hang_at = engine.evaluate, [], int(os.environ.get("HANG_AT", "0"))
+    def gated(*a, **k):
+        calls.append(1)
+        if len(calls) == hang_at:  # the trials of this batch are asked and leased: killed here
+            held.write_text(str(os.getpid()))
+            time.sleep(3600)
+        deadline = time.monotonic() + 120
+        while not hang_at and not held.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
         return evaluate(*a, **k)
-    engine.evaluate = slowly
-import os, pathlib  # start together: the first worker up could otherwise take every trial
+    engine.evaluate = gated
+if os.environ.get("AFTER_HELD"):  # start once the first worker holds the baseline
+    while not held.exists():
+        time.sleep(0.01)
+# start together: the first worker up could otherwise take every trial
 pathlib.Path(barrier, str(os.getpid())).touch()
 deadline = time.monotonic() + 120
 while len(os.listdir(barrier)) < int(n_workers) and time.monotonic() < deadline:
@@ -47,11 +58,13 @@ print("candidates", int(result.engine_stats["candidates"]), "best", repr(result.
 
 
 def _start(url: str, name: str, n: int, searcher: str, barrier: Path, n_workers: int = 3,
-           slow: bool = False) -> list[subprocess.Popen]:
+           slow: bool = False, env: list[dict[str, str]] | None = None) -> list[subprocess.Popen]:
     barrier.mkdir(exist_ok=True)
     args = [url, name, str(n), searcher, str(barrier), str(n_workers), "1" if slow else "0"]
+    env = env or [{}] * n_workers
     return [subprocess.Popen([sys.executable, "-c", WORKER, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}) for _ in range(n_workers)]
+                             text=True, env={**os.environ, "OMP_NUM_THREADS": "1", **env[i]})
+            for i in range(n_workers)]
 
 
 def _finish(procs: list[subprocess.Popen]) -> list[tuple[int, float]]:
@@ -96,40 +109,45 @@ def test_three_workers_share_a_postgres_study(postgres_url, tmp_path, searcher):
     _cooperate(postgres_url, tmp_path, searcher)
 
 
-def _kill_one_of_three(url: str, tmp_path: Path) -> None:
+def _kill_one_of_three(url: str, tmp_path: Path, *, holding: str = "batch") -> None:
+    """SIGKILL the first worker while it holds leased trials: inside its second batch (the
+    others wait for it there), or (``holding="baseline"``) inside the baseline, the others
+    started only once it holds it. The two others finish the budget without it."""
     n = 20
-    procs = _start(url, "k", n, "evolution", tmp_path / "barrier", slow=True)
-    victim = procs[0]
+    if holding == "batch":
+        env = [{"HANG_AT": "2"}, {}, {}]
+    else:
+        env = [{"HANG_AT": "1"}, {"AFTER_HELD": "1"}, {"AFTER_HELD": "1"}]
+    procs = _start(url, "k", n, "evolution", tmp_path / "barrier", slow=True, env=env)
+    victim, held = procs[0], tmp_path / "held"
+    if holding == "baseline":  # alone at the barrier until it holds the baseline
+        (tmp_path / "barrier" / "0").touch()
+        (tmp_path / "barrier" / "1").touch()
     deadline = time.monotonic() + 240
-    held = False
-    while time.monotonic() < deadline and not held:
-        time.sleep(0.1)
-        # stopped while we look, so the trial it holds is still held when it is killed (a
-        # worker seen holding one could otherwise finish it before the kill arrives)
-        victim.send_signal(signal.SIGSTOP)
-        try:
-            trials = optuna.load_study(study_name="k", storage=url).get_trials(deepcopy=False)
-        except Exception:  # no study yet, or (SQLite) stopped inside a write: look again
-            trials = []
-        held = sum(t.state == TrialState.COMPLETE for t in trials) >= 4 and any(
-            t.state == TrialState.RUNNING and (t.user_attrs.get("lease") or {}).get("pid") == victim.pid for t in trials)
-        if not held:
-            victim.send_signal(signal.SIGCONT)
-    if not held:
+    while time.monotonic() < deadline and not held.exists() and victim.poll() is None:
+        time.sleep(0.05)
+    if not held.exists():
         for p in procs:
             p.kill()
-        pytest.fail("the first worker never held a running trial")
+        pytest.fail(f"the first worker never reached its batch: {victim.communicate()[1][-2000:]}")
+    # read while it sleeps inside the batch (after the kill, the others reclaim its trials at once)
+    trials = optuna.load_study(study_name="k", storage=url).get_trials()
+    mine = [t for t in trials if t.state == TrialState.RUNNING and (t.user_attrs.get("lease") or {}).get("pid") == victim.pid]
+    assert mine, "the first worker held no running trial inside its batch"
+    if holding == "baseline":
+        assert [bool(t.user_attrs.get("baseline")) for t in mine] == [True]
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     before = {t.number: (t.user_attrs["order"], t.values) for t in trials if t.state == TrialState.COMPLETE}
     results = _finish(procs[1:])
     _check(url, "k", n, results)
     study = optuna.load_study(study_name="k", storage=url)
-    failed = [t.user_attrs.get("lost", "") for t in study.get_trials()
-              if (t.user_attrs.get("lease") or {}).get("pid") == victim.pid and t.state == TrialState.FAIL]
+    failed = {t.number: t.user_attrs.get("lost", "") for t in study.get_trials()
+              if (t.user_attrs.get("lease") or {}).get("pid") == victim.pid and t.state == TrialState.FAIL}
+    assert {t.number for t in mine} <= set(failed), failed
     # the victim's own refusals (a repeat it gave back before it died) are not losses
-    lost = [reason for reason in failed if not reason.startswith("refused:")]
-    assert lost and all("is gone" in reason or "never leased" in reason for reason in lost), failed
+    lost = [reason for reason in failed.values() if not reason.startswith("refused:")]
+    assert lost and all("is gone" in reason for reason in lost), failed
     after = {t.number: (t.user_attrs["order"], t.values) for t in study.get_trials() if t.number in before}
     assert after == before
 
@@ -142,6 +160,13 @@ def test_a_killed_worker_leaves_its_trials_to_two_others_sqlite(tmp_path):
 @pytest.mark.slow
 def test_a_killed_worker_leaves_its_trials_to_two_others_postgres(postgres_url, tmp_path):
     _kill_one_of_three(postgres_url, tmp_path)
+
+
+@pytest.mark.slow
+def test_the_baseline_of_a_killed_worker_is_scored_by_another(tmp_path):
+    """The worker holding the identity trial dies: another scores it again, so the study still
+    holds "do nothing" once (it was lost for good before)."""
+    _kill_one_of_three(f"sqlite:///{tmp_path / 'b.db'}", tmp_path, holding="baseline")
 
 
 SCHEMA = """

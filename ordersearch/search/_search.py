@@ -174,7 +174,7 @@ def _trials(ctx: SearchContext, searcher: Searcher, run: _Run, bar: Any, n_trial
     assert study is not None and ctx.leases is not None
     stopped = "worker stopped"
     try:
-        if not any(t.user_attrs.get("baseline") and is_live(t) for t in study.get_trials(deepcopy=False)):
+        if not _has_baseline(study.get_trials(deepcopy=False), ctx):
             run.batch(run.claim([ctx.ask_order(bank.identity, baseline=True)], n_trials)[0])
         searcher.prepare(ctx)
         known_only = 0  # consecutive batches in which every proposal was an order already asked
@@ -192,6 +192,11 @@ def _trials(ctx: SearchContext, searcher: Searcher, run: _Run, bar: Any, n_trial
                 bar.n = min(sum(counts_toward_budget(t) for t in trials), n_trials)
                 bar.refresh()
             remaining = n_trials - used
+            if remaining > 0 and not _has_baseline(trials, ctx):
+                # the worker that held the baseline died (its trial was just reclaimed): every
+                # study keeps "do nothing" among its trials, so another worker scores it again
+                run.batch(run.claim([ctx.ask_order(bank.identity, baseline=True)], n_trials)[0])
+                continue
             if remaining <= 0:
                 if not any(t.state == TrialState.RUNNING for t in trials):
                     break
@@ -222,6 +227,13 @@ def _trials(ctx: SearchContext, searcher: Searcher, run: _Run, bar: Any, n_trial
         n = ctx.leases.close(stopped)
         if n:
             log.warning("%d trials in flight were failed (%s); they will be proposed again", n, stopped)
+
+
+def _has_baseline(trials: list[FrozenTrial], ctx: SearchContext) -> bool:
+    """Whether a live trial scores the identity order (the baseline, or a searcher's proposal
+    of it: asking the baseline again would then be refused as a repeat)."""
+    return any(is_live(t) and (t.user_attrs.get("baseline") or order_of(t, ctx.encoding) == ctx.bank.identity)
+               for t in trials)
 
 
 class _Run:
