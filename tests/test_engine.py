@@ -680,3 +680,36 @@ def test_a_memory_mapped_evalset_scores_as_one_in_memory(tmp_path):
     (tmp_path / "bad.npy").write_bytes(b"not an array")
     with pytest.raises(DataError, match="is not a .npy array file"):
         EvalSet.from_npy(tmp_path / "bad.npy")
+
+
+def test_the_accelerator_path_waits_once_per_scoring_group(banks, data, monkeypatch):
+    """On an accelerator the engine does not wait for each candidate's blocks: outputs stay on
+    the device, their finiteness is checked and the probe solved once per scoring group. The
+    same code runs here on the CPU (the switch an accelerator sets): the scores equal the CPU
+    path's, a NaN block is still named (found by a second, checked walk of that order), and
+    the host reads the device a fixed number of times per batch, not per candidate."""
+    bank = copy.deepcopy(banks["isoresnet"])
+    evalset = data["isoresnet"]
+    orders = _random_orders(bank.n_blocks, 24, seed=11)
+    cpu = Engine(bank, evalset, "probe", cache_bytes=2**26).evaluate(orders)
+    accel = Engine(bank, evalset, "probe", cache_bytes=2**26)
+    accel._sync_checks = False
+    reads: list[str] = []
+    original = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: (reads.append("tolist"), original(self))[1])
+    for name in ("item", "__bool__", "__float__"):
+        monkeypatch.setattr(torch.Tensor, name, lambda self, _n=name: pytest.fail(f"Tensor.{_n} read the device"))
+    assert [(s.value, s.metrics) for s in accel.evaluate(orders)] == [(s.value, s.metrics) for s in cpu]
+    assert len(reads) == 2  # one scoring group: the finiteness check and the probe's results
+    monkeypatch.undo()
+
+    with torch.no_grad():
+        bank.blocks[2].conv1.weight[0, 0, 0, 0] = float("nan")
+    for sync in (True, False):
+        engine = Engine(bank, evalset, "probe", cache_bytes=2**26)
+        engine._sync_checks = sync
+        scores = engine.evaluate(["0-1", "0-2-1", "2", "1-3"])
+        assert [s.ok for s in scores] == [True, False, False, True]
+        assert all("non-finite activation after block 2" in s.failed for s in scores if not s.ok)
+        with pytest.raises(ValueError, match="non-finite activation after block 2"):
+            engine.outputs("2-0")

@@ -169,3 +169,48 @@ def test_unsupervised_objectives_only_report_labels(name):
 def test_probe_with_constant_features_does_not_break(digits):
     acc, _ = _score("probe", torch.ones(len(digits), 3), digits)
     assert math.isfinite(acc)
+
+
+def _host_reads(monkeypatch) -> list[str]:
+    """Every read of a tensor's value by the host (on an accelerator each one waits for the
+    queued work), recorded by name."""
+    reads: list[str] = []
+    for name in ("tolist", "item", "__bool__", "__float__", "__int__", "__index__"):
+        original = getattr(torch.Tensor, name)
+
+        def read(self, *a, _name=name, _original=original, **k):
+            reads.append(_name)
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, read)
+    return reads
+
+
+@pytest.mark.parametrize("name", ["probe", "knn"])
+def test_batched_objectives_read_their_results_once_per_group(digits, monkeypatch, name):
+    """The probe (one batched decomposition for all candidates and ridge strengths) and k-NN
+    read their results with one host read for a batch of candidates, not one per candidate:
+    on an accelerator nothing waits for each candidate's work."""
+    obj = get_objective(name)
+    state = obj.prepare(digits)
+    g = torch.Generator().manual_seed(0)
+    outputs = [torch.relu(digits.x @ torch.randn(64, 32, generator=g)) for _ in range(8)]
+    expected = obj.score_many(outputs, digits, state)
+    reads = _host_reads(monkeypatch)
+    assert obj.score_many(outputs, digits, state) == expected
+    assert reads == ["tolist"]
+
+
+def test_probe_in_float32_keeps_the_float64_scores(digits):
+    """The float32 solve (for accelerators whose float64 is slow) picks the same ridge
+    strength and scores within 1e-4 of the float64 probe on real digits features."""
+    g = torch.Generator().manual_seed(0)
+    f64, f32 = Probe(), Probe(dtype=torch.float32)
+    for d in (8, 32, 64, 128):
+        outputs = [torch.relu(digits.x @ torch.randn(64, d, generator=g)) for _ in range(4)]
+        a = f64.score_many(outputs, digits, f64.prepare(digits))
+        b = f32.score_many(outputs, digits, f32.prepare(digits))
+        assert [m["alpha"] for _, m in b] == [m["alpha"] for _, m in a]
+        assert [v for v, _ in b] == pytest.approx([v for v, _ in a], abs=1e-4)
+    with pytest.raises(ObjectiveError, match="float32 or float64"):
+        Probe(dtype=torch.float16)

@@ -45,6 +45,9 @@ _MEMO_SIZE = 1 << 16
 _STATS_SIZE = 1 << 17
 _SCORE_BATCH = 64  # candidates scored in one objective call, at most
 _SCORE_BYTES = 32 * 2**20  # and their outputs' bytes
+#: The failure reason of a candidate whose outputs were found not finite when scored (on an
+#: accelerator), until the walk is done and the failing block is looked up.
+_UNFINITE = "non-finite outputs (to be diagnosed)"
 
 
 def _slices(n: int, batch_size: int) -> list[slice]:
@@ -185,8 +188,13 @@ class Engine:
         self._blocks = None if self.bank.has_positional_blocks else list(self.bank.blocks)
         # blocks that write their output into the cache's buffer (fp32 with the bank's statistics)
         self._direct = norm == "source" and self.dtype == torch.float32
-        # on CUDA, block forwards are timed with events (host timers would see launches only)
-        self._events: list[tuple[Any, Any]] | None = [] if self.device.type == "cuda" else None
+        # on CUDA, block forwards, tails and objectives are timed with events (host timers would
+        # see launches only): (stats field, start, end)
+        self._events: list[tuple[str, Any, Any]] | None = [] if self.device.type == "cuda" else None
+        # on the CPU a candidate's outputs are checked for finiteness as they are made (it costs
+        # nothing, and a failing prefix is poisoned at once); on an accelerator that would wait
+        # for every candidate's blocks, so each scoring group is checked with one wait instead
+        self._sync_checks = self.device.type == "cpu"
         self._retain: list[tuple[int, ...]] = []
         self._protect_dirty = False
         self._calibrated = False
@@ -250,9 +258,14 @@ class Engine:
                 pending: list[tuple[Order, torch.Tensor]] = []
                 pending_bytes = 0
 
+                unfinite: list[tuple[int, ...]] = []  # checked after the walk: which block?
+
                 def score_pending() -> None:
                     nonlocal pending_bytes
-                    results.update((s.order.ids, s) for s in self._score_many(level, pending))
+                    for s in self._score_many(level, pending):
+                        results[s.order.ids] = s
+                        if s.failed == _UNFINITE:
+                            unfinite.append(s.order.ids)
                     pending.clear()
                     pending_bytes = 0
 
@@ -269,6 +282,8 @@ class Engine:
                 self._walk(level, sorted(todo), ready, failed)
                 if pending:
                     score_pending()
+                for ids in unfinite:
+                    results[ids] = self._failed(by_ids[ids], level, self._diagnose(level, ids))
             if self.memo:
                 level.memo.update(results)
                 while len(level.memo) > _MEMO_SIZE:
@@ -322,11 +337,13 @@ class Engine:
         failure: list[str] = []
         with torch.inference_mode(), self._autocast():
             self._walk(level, [ids], lambda _, out: found.append(out), lambda _, why: failure.append(why))
+            if found and not self._sync_checks and self.check_finite and not bool(torch.isfinite(found[0]).all()):
+                failure.append(self._diagnose(level, ids))
         self._sum_events()
         self._update_memory_stats()
         if failure:
             raise ValueError(f"order {Order(ids)}: {failure[0]}")
-        return found[0]
+        return found[0].cpu()
 
     def retain(self, prefixes_: Iterable[Order | str | Sequence[int]]) -> None:
         """Set the retain hints without evaluating (see :meth:`evaluate`)."""
@@ -360,13 +377,14 @@ class Engine:
 
     # --- internals ----------------------------------------------------------------------
     def _walk(self, level: _Level, ids: list[tuple[int, ...]], ready: Callable[[tuple[int, ...], torch.Tensor], None],
-              failed: Callable[[tuple[int, ...], str], None]) -> None:
+              failed: Callable[[tuple[int, ...], str], None], cache: PrefixCache | None = None) -> None:
         """Walk the sorted, distinct ``ids`` over ``level``: ``ready(ids, outputs)`` with each
         candidate's outputs over all the level's images, or ``failed(ids, reason)``. A sharded
         level is walked shard by shard (each shard's stem output given back after its walk),
-        and a candidate's outputs are the concatenation of its shards'."""
+        and a candidate's outputs are the concatenation of its shards'. ``cache``: another
+        prefix cache than the engine's."""
         if level.shards is None:
-            self._walk_one(level, ids, ready, failed)
+            self._walk_one(level, ids, ready, failed, cache)
             return
         parts: dict[tuple[int, ...], list[torch.Tensor]] = {i: [] for i in ids}
         reasons: dict[tuple[int, ...], str] = {}
@@ -374,7 +392,7 @@ class Engine:
             alive = [i for i in ids if i not in reasons]
             if not alive:
                 break
-            self._walk_one(shard, alive, lambda i, out: parts[i].append(out), reasons.setdefault)
+            self._walk_one(shard, alive, lambda i, out: parts[i].append(out), reasons.setdefault, cache)
             if shard.root is not None:
                 shard.root.release()
                 shard.root = None
@@ -386,10 +404,13 @@ class Engine:
 
     def _walk_one(self, level: _Level, ids: list[tuple[int, ...]],
                   ready: Callable[[tuple[int, ...], torch.Tensor], None],
-                  failed: Callable[[tuple[int, ...], str], None]) -> None:
+                  failed: Callable[[tuple[int, ...], str], None], cache: PrefixCache | None = None) -> None:
         def finish(key: Key, path: list[tuple[Key, Handle]] | None, why: str | None) -> Bad:
             if path is None:
                 failed(key[1:], why or "failed")
+                return None
+            if not self._sync_checks:  # checked when scored
+                ready(key[1:], self._outputs(level, key, path[-1][1]))
                 return None
             outputs, reason, bad = self._checked_outputs(level, key, path)
             if reason is not None:
@@ -400,10 +421,24 @@ class Engine:
 
         root = self._root(level)
         keys = [(level.index, *i) for i in ids]
-        hits, planned = walk(keys, self.cache, self.pool, root, functools.partial(self._compute, level), finish,
-                             level.poison)
+        cache = self.cache if cache is None else cache
+        hits, planned = walk(keys, cache, self.pool, root, functools.partial(self._compute, level), finish, level.poison)
         self.stats.cache_hits += hits
         self.stats.plan_seconds += planned
+
+    def _diagnose(self, level: _Level, ids: tuple[int, ...]) -> str:
+        """Why an order's outputs are not finite, found by walking it again, from the stem
+        and past the cache (a cached prefix would hide where it went wrong), with the checks
+        that name the first failing block (and poison it for later batches)."""
+        reasons: list[str] = []
+        sync, self._sync_checks = self._sync_checks, True
+        try:
+            with torch.inference_mode(), self._autocast():
+                self._walk(level, [ids], lambda *_: None, lambda _, why: reasons.append(why),
+                           PrefixCache(0, self.cache.policy))
+        finally:
+            self._sync_checks = sync
+        return reasons[0] if reasons else f"non-finite {self.objective.output}"
 
     def _shard_size(self, n: int) -> int:
         """Images per shard of a level of ``n`` images (``n``: not sharded)."""
@@ -520,10 +555,7 @@ class Engine:
         into the pooled buffer itself when it defines ``forward_into(x, out)`` (the isoresnet
         and compositional blocks do; fp32 with the bank's statistics), else its output is
         copied in."""
-        t0 = time.perf_counter()
-        if self._events is not None:
-            start = torch.cuda.Event(enable_timing=True)
-            start.record()
+        t0, start = time.perf_counter(), self._gpu_start()
         src = parent.chunks
         assert src is not None
         dst = self.pool.fill(out)
@@ -539,30 +571,43 @@ class Engine:
         self._block_units += level.share
         st.block_evals = round(self._block_units)
         st.image_block_evals += level.n
+        self._timed("block_seconds", start, t0)
+
+    def _gpu_start(self) -> Any:
+        """A recorded CUDA event to time queued work from (None off CUDA)."""
+        if self._events is None:
+            return None
+        start = torch.cuda.Event(enable_timing=True)
+        start.record()
+        return start
+
+    def _timed(self, field: str, start: Any, t0: float) -> None:
+        """Add the time since ``start`` (a CUDA event: the GPU's, summed later) or ``t0`` (a
+        host timer) to the stats ``field``."""
         if self._events is not None:  # the kernels have only been queued: time them on the GPU
             end = torch.cuda.Event(enable_timing=True)
             end.record()
-            self._events.append((start, end))
+            self._events.append((field, start, end))
         else:
-            st.block_seconds += time.perf_counter() - t0
+            setattr(self.stats, field, getattr(self.stats, field) + time.perf_counter() - t0)
 
     def _sum_events(self) -> None:
-        """Add the GPU time of the block forwards queued since the last call to the stats."""
+        """Add the GPU time of the work queued since the last call to the stats."""
         if self._events:
-            self._events[-1][1].synchronize()
-            self.stats.block_seconds += sum(a.elapsed_time(b) for a, b in self._events) / 1e3
+            self._events[-1][2].synchronize()
+            for field, a, b in self._events:
+                setattr(self.stats, field, getattr(self.stats, field) + a.elapsed_time(b) / 1e3)
             self._events.clear()
 
     def _outputs(self, level: _Level, key: Key, handle: Handle) -> torch.Tensor:
-        """Pooled features or head logits (N, D) of prefix ``key``, float32 on the CPU."""
-        if self._events:  # wait for the queued blocks here, so their time is not the tail's
-            self._events[-1][1].synchronize()
-        t0 = time.perf_counter()
+        """Pooled features or head logits (N, D) of prefix ``key``, float32 on the engine's
+        device (nothing waits for the queued blocks here)."""
+        t0, start = time.perf_counter(), self._gpu_start()
         assert handle.chunks is not None
         parts: list[torch.Tensor] = [handle.chunks[0]] * len(handle.chunks)
         self._forward(self._tail, handle.chunks, level, "tail", ("tail", key), parts.__setitem__)
-        outputs = torch.cat([p.float() for p in parts]).to("cpu")
-        self.stats.output_seconds += time.perf_counter() - t0
+        outputs = torch.cat([p.float() for p in parts])
+        self._timed("output_seconds", start, t0)
         return outputs
 
     def _checked_outputs(
@@ -584,20 +629,31 @@ class Engine:
                 return outputs, reason, (k, reason)
         return outputs, f"non-finite {self.objective.output}", None
 
-    def _score_many(self, level: _Level, pending: list[tuple[Order, torch.Tensor]]) -> list[Score]:
+    def _score_many(self, level: _Level, pending: list[tuple[Order, torch.Tensor]], checked: bool = False) -> list[Score]:
         """Scores of candidates whose outputs are finite; a candidate whose scoring raises or
         returns a non-finite value fails with the reason (a batch that raises is scored one
-        by one to find which)."""
-        t1 = time.perf_counter()
+        by one to find which). Outputs not checked yet (on an accelerator) are checked here,
+        with one wait for the group; those not finite fail as :data:`_UNFINITE`, for the
+        caller to diagnose."""
+        if self.check_finite and not self._sync_checks and not checked:
+            sums = torch.stack([o.sum() for _, o in pending]).isfinite().tolist()
+            # a sum of finite outputs overflows only near 1e38: confirm with the exact test
+            finite = [ok or bool(torch.isfinite(o).all()) for ok, (_, o) in zip(sums, pending)]
+            if not all(finite):
+                bad = [self._failed(order, level, _UNFINITE) for ok, (order, _) in zip(finite, pending) if not ok]
+                good = [p for ok, p in zip(finite, pending) if ok]
+                return bad + (self._score_many(level, good, checked=True) if good else [])
+        t1, start = time.perf_counter(), self._gpu_start()
+        outputs = [o if self.objective.on_device else o.cpu() for _, o in pending]
         try:
-            scored = self.objective.score_many([o for _, o in pending], level.evalset, level.state)
+            scored = self.objective.score_many(outputs, level.evalset, level.state)
         except (RuntimeError, torch.linalg.LinAlgError) as exc:
-            self.stats.objective_seconds += time.perf_counter() - t1
+            self._timed("objective_seconds", start, t1)
             if len(pending) > 1:
-                return [s for p in pending for s in self._score_many(level, [p])]
+                return [s for p in pending for s in self._score_many(level, [p], checked=True)]
             reason = f"objective {self.objective.name} raised {type(exc).__name__.lstrip('_')}: {exc}"
             return [self._failed(pending[0][0], level, reason)]
-        self.stats.objective_seconds += time.perf_counter() - t1
+        self._timed("objective_seconds", start, t1)
         return [
             Score(order, float(value), metrics, None, level.n)
             if math.isfinite(value)

@@ -24,18 +24,12 @@ import torch
 
 from ..errors import ObjectiveError
 from ..evalset import EvalSet
-from .objectives import _GROUP_BYTES, Objective, _left_singular, candidate_groups, single_threaded
+from .objectives import _GROUP_BYTES, Objective, _left_singular, candidate_groups, single_threaded, work_dtype
 
 __all__ = ["Knn", "LogME"]
 
 # (B, N, N) similarity matrices are built for at most this many bytes of candidates at once
 _SIM_BYTES = 64 * 2**20
-
-
-def work_dtype(device: torch.device) -> torch.dtype:
-    """float64 on the CPU (so a batch of candidates gives bit-identical values to one-by-one
-    scoring and no near-tie flips), float32 on an accelerator."""
-    return torch.float64 if device.type == "cpu" else torch.float32
 
 
 @dataclass(frozen=True)
@@ -64,6 +58,7 @@ class Knn(Objective):
     output = "features"
     needs_labels = True
     truth = "probe"
+    on_device = True
 
     def __init__(self, k: int = 10, temperature: float = 0.07, center: bool = True) -> None:
         if int(k) < 1:
@@ -94,8 +89,8 @@ class Knn(Objective):
         k = min(self.k, n - 1)
         out = []
         for group in candidate_groups(outputs, 8 * n * n, _SIM_BYTES):
-            for correct in self._correct(group, state):
-                out.append((float(correct.double().mean()), {"k": float(k)}))
+            right = self._correct(group, state).sum(1).tolist()  # one wait per group
+            out += [(r / n, {"k": float(k)}) for r in right]
         return out
 
     def _correct(self, outputs: Sequence[torch.Tensor], state: _KnnState) -> torch.Tensor:

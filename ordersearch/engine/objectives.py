@@ -32,7 +32,7 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -74,6 +74,9 @@ class Objective(ABC):
     #: The labelled objective that measures what this one stands in for, on labelled held-out
     #: data (``head`` accuracy for the unsupervised objectives, the objective itself otherwise).
     truth: ClassVar[str] = ""
+    #: True when :meth:`score_many` takes the outputs on the engine's device (an accelerator)
+    #: and waits for it at most once per call; the others are handed them on the CPU.
+    on_device: ClassVar[bool] = False
 
     def prepare(self, evalset: EvalSet) -> Any:
         """Candidate-independent state for ``evalset`` (passed back to :meth:`score`)."""
@@ -149,6 +152,13 @@ def candidate_groups(outputs: Sequence[torch.Tensor], bytes_each: int,
 # --- labelled -------------------------------------------------------------------------
 
 
+def work_dtype(device: torch.device) -> torch.dtype:
+    """float64 on the CPU (so a batch of candidates gives bit-identical values to one-by-one
+    scoring and no near-tie flips), float32 on an accelerator (its float64 is slow on most
+    cards; the outputs are standardised first, so float32 keeps the probe's scores)."""
+    return torch.float64 if device.type == "cpu" else torch.float32
+
+
 @dataclass(frozen=True)
 class _ProbeState:
     train: torch.Tensor
@@ -159,6 +169,20 @@ class _ProbeState:
     onehot_t: torch.Tensor  # (C, n_train), the same, contiguous
     y_mean: torch.Tensor  # (C,)
     alphas: torch.Tensor  # (A,)
+    #: the tensors above on a scoring device and dtype, made once each
+    moved: dict = field(default_factory=dict, compare=False, repr=False)
+
+    def on(self, device: torch.device, dtype: torch.dtype) -> _ProbeState:
+        """This state with its tensors on ``device`` (floating ones in ``dtype``)."""
+        if device.type == "cpu" and dtype == torch.float64:
+            return self
+        key = (str(device), dtype)
+        if key not in self.moved:
+            self.moved[key] = _ProbeState(*(
+                t.to(device, dtype if t.is_floating_point() else None) for t in (
+                    self.train, self.val, self.y_train, self.y_val, self.onehot, self.onehot_t, self.y_mean,
+                    self.alphas)))
+        return self.moved[key]
 
 
 class Probe(Objective):
@@ -169,10 +193,16 @@ class Probe(Objective):
     features' smaller Gram matrix (D x D or n x n) gives for every alpha at once. All alphas,
     and in :meth:`score_many` all candidates, go through one batch of tensor operations: each
     operation on these small matrices costs more in dispatch than in arithmetic. Solved in
-    float64 on one thread.
+    float64 where the features are (on the CPU on one thread), with one host synchronisation
+    per group of candidates and none per candidate: on an accelerator the blocks of the next
+    candidates are queued while the probe of the last ones runs.
 
     Args:
         alphas: Candidate ridge strengths relative to the train-split size.
+        dtype: Precision of the solve: float64 (default), or float32 for an accelerator with
+            slow float64 arithmetic (consumer cards): standardised features then still pick
+            the same ridge strength, but near-tied val images can flip (on random-weight
+            digits banks 1-3 of 720 images, in 11-37% of orders).
 
     Side metrics: ``alpha`` (chosen, relative), ``loo_accuracy`` (leave-one-out accuracy on
     the train split at that alpha), ``train_accuracy``.
@@ -183,11 +213,16 @@ class Probe(Objective):
     needs_labels = True
     fits = True
     truth = "probe"
+    on_device = True
 
-    def __init__(self, alphas: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)) -> None:
+    def __init__(self, alphas: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0), *,
+                 dtype: torch.dtype | None = None) -> None:
         if not alphas or min(alphas) <= 0:
             raise ObjectiveError("probe alphas must be positive")
+        if dtype not in (None, torch.float32, torch.float64):
+            raise ObjectiveError(f"probe dtype must be float32 or float64, got {dtype}")
         self.alphas = tuple(float(a) for a in alphas)
+        self.dtype = dtype
 
     def prepare(self, evalset: EvalSet) -> _ProbeState:
         assert evalset.y is not None
@@ -207,77 +242,96 @@ class Probe(Objective):
     def image_values(self, outputs: torch.Tensor, evalset: EvalSet, state: _ProbeState) -> torch.Tensor:
         """1.0 for each val image the probe classifies correctly, else 0.0 (in ``val_idx`` order)."""
         _, pred_val = self._group([outputs], state)
-        return (pred_val[0] == state.y_val).double()
+        return (pred_val[0].cpu() == state.y_val).double()
 
     def score_many(
         self, outputs: Sequence[torch.Tensor], evalset: EvalSet, state: _ProbeState
     ) -> list[tuple[float, dict[str, float]]]:
         """Every candidate's probe in one batch of tensor operations (B candidates, A alphas),
-        in groups of at most 2 MiB of features (larger batches run out of the CPU caches); one
-        candidate is a batch of one, so the values do not depend on the batching."""
+        in groups of at most 2 MiB of features on the CPU (larger batches run out of its
+        caches) and of 256 MiB of work on an accelerator; one candidate is a batch of one, so
+        the values do not depend on the batching."""
         if not outputs:
             return []
-        return [s for group in candidate_groups(outputs, 8 * outputs[0].numel()) for s in self._group(group, state)[0]]
+        if outputs[0].device.type == "cpu":
+            groups = candidate_groups(outputs, 8 * outputs[0].numel())
+        else:  # the (A, C, n) residuals are the largest tensor per candidate
+            n, (a, c) = len(state.train), (len(self.alphas), state.onehot.shape[1])
+            itemsize = (self.dtype or torch.float64).itemsize
+            groups = candidate_groups(outputs, itemsize * max(outputs[0].numel(), a * c * n), _DEVICE_GROUP_BYTES)
+        return [s for group in groups for s in self._group(group, state)[0]]
 
     def _group(
         self, outputs: Sequence[torch.Tensor], state: _ProbeState
     ) -> tuple[list[tuple[float, dict[str, float]]], torch.Tensor]:
         """The scores of one group of candidates and their val predictions (B, n_val)."""
-        with single_threaded():
-            x = torch.stack(list(outputs)).detach().to("cpu", torch.float64).flatten(2)  # (B, N, D)
+        device = outputs[0].device
+        dtype = self.dtype or torch.float64
+        eps = torch.finfo(dtype).eps
+        state = state.on(device, dtype)
+        with single_threaded(device):
+            x = torch.stack(list(outputs)).detach().to(dtype).flatten(2)  # (B, N, D)
             # images last: the reductions and element-wise operations then run along
             # contiguous rows of n values, not of D or C
             xtr, xva = (x.index_select(1, idx).mT.contiguous() for idx in (state.train, state.val))
             mu = xtr.mean(2, keepdim=True)  # (B, D, 1)
             dtr = xtr - mu
             sd = dtr.square().mean(2, keepdim=True).sqrt()
-            sd = torch.where(sd > 1e-12 * sd.amax(1, keepdim=True).clamp_min(1e-300), sd, 1.0)
+            sd = torch.where(sd > 1e-12 * sd.amax(1, keepdim=True).clamp_min(torch.finfo(dtype).tiny), sd, 1.0)
             zt, zvat = dtr / sd, (xva - mu) / sd  # (B, D, n), (B, D, n_val)
-            lam, ut = _left_singular(zt)  # (B, r), (B, r, n): z = ut^T diag(sqrt(lam)) v^T
+            # float64 keeps directions down to 1e-12 of the largest; float32's rounding is larger
+            lam, ut = _left_singular(zt, rtol=max(1e-12, 100 * eps))  # (B, r), (B, r, n)
             (b, _, n), a, c = zt.shape, len(self.alphas), state.onehot.shape[1]
             uty = ut @ state.onehot  # (B, r, C)
             f = lam[:, None, :] / (lam[:, None, :] + state.alphas[:, None] * n)  # (B, A, r): shrinkage
             fit = ((f[:, :, None, :] * uty.mT[:, None]).reshape(b, a * c, -1) @ ut).reshape(b, a, c, n)
-            lev = (f @ ut.square() + 1.0 / n).clamp(max=1 - 1e-9)  # (B, A, n): hat diagonal, with intercept
+            # hat diagonal, with intercept (below 1, or a leave-one-out residual divides by zero)
+            lev = (f @ ut.square() + 1.0 / n).clamp(max=1 - max(1e-9, 10 * eps))  # (B, A, n)
             res = state.onehot_t - fit  # (B, A, C, n): residuals
             # leave-one-out residuals are res / (1 - lev): their squared sum per alpha without
             # materialising them (the (B, A, C, n) passes dominate the probe's time)
             loo_err = torch.linalg.vecdot(res, res, dim=2) / (1 - lev).square()  # (B, A, n)
-            best = [_least(errs) for errs in loo_err.sum(2).tolist()]
-            rows, pick = torch.arange(b), torch.tensor(best)
+            pick = _least(loo_err.sum(2))  # (B,)
+            rows = torch.arange(b, device=device)
             # val predictions: z^T u = v diag(sqrt(lam)), so w = z^T u diag(1 / (lam + a n)) u^T y
             g = uty / (lam + state.alphas[pick][:, None] * n)[..., None]  # (B, r, C)
             pred_val = _argmax(zvat.mT @ (zt @ (ut.mT @ g)) + state.y_mean, 2)  # (B, n_val)
-            val_acc = (pred_val == state.y_val).double().mean(1).tolist()
             y_mean = state.y_mean[:, None]
             loo = res[rows, pick] / (1 - lev[rows, pick])[:, None, :]  # (B, C, n): at the chosen alpha
-            loo_acc = (_argmax(state.onehot_t - loo + y_mean, 1) == state.y_train).double().mean(1)
-            train_acc = (_argmax(fit[rows, pick] + y_mean, 1) == state.y_train).double().mean(1)
+            loo_pred = _argmax(state.onehot_t - loo + y_mean, 1)
+            train_pred = _argmax(fit[rows, pick] + y_mean, 1)
+            # counts of correct predictions, and the group's one host synchronisation
+            right = torch.stack([(pred_val == state.y_val).sum(1), pick, (loo_pred == state.y_train).sum(1),
+                                 (train_pred == state.y_train).sum(1)]).tolist()
+            n_val = len(state.y_val)
             return [
-                (acc, {"alpha": self.alphas[i], "loo_accuracy": la, "train_accuracy": ta})
-                for acc, i, la, ta in zip(val_acc, best, loo_acc.tolist(), train_acc.tolist())
+                (v / n_val, {"alpha": self.alphas[i], "loo_accuracy": lo / n, "train_accuracy": tr / n})
+                for v, i, lo, tr in zip(*right)
             ], pred_val
 
 
-def _left_singular(zt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+#: Work per group of candidates the probe scores at once on an accelerator.
+_DEVICE_GROUP_BYTES = 256 * 2**20
+
+
+def _left_singular(zt: torch.Tensor, rtol: float = 1e-12) -> tuple[torch.Tensor, torch.Tensor]:
     """Squared singular values (B, r) and left singular vectors, as rows (B, r, n), of each
     (n, D) matrix z whose transpose is in ``zt`` (B, D, n), from the eigendecomposition of the
     smaller of ``z^T z`` and ``z z^T`` (twice as fast as an SVD at D = n = 192, and far
-    faster for tall z). Directions with no variance get zero vectors: they take no part in
-    the ridge fit, as in the SVD."""
+    faster for tall z). Directions with no variance (below ``rtol`` of the largest) get zero
+    vectors: they take no part in the ridge fit, as in the SVD."""
     d, n = zt.shape[-2:]
     if d < n:
         lam, v = torch.linalg.eigh(zt @ zt.mT)
         lam = lam.clamp_min(0)
-        keep = lam > 1e-12 * lam[:, -1:]
+        keep = lam > rtol * lam[:, -1:]
         ut = (v.mT @ zt) * torch.where(keep, lam, 1.0).rsqrt().mul(keep)[:, :, None]
     else:
         lam, u = torch.linalg.eigh(zt.mT @ zt)
         lam = lam.clamp_min(0)
-        keep = lam > 1e-12 * lam[:, -1:]
+        keep = lam > rtol * lam[:, -1:]
         ut = u.mT * keep[:, :, None]
     return torch.where(keep, lam, 0.0), ut
-
 
 
 def _argmax(x: torch.Tensor, dim: int) -> torch.Tensor:
@@ -287,13 +341,12 @@ def _argmax(x: torch.Tensor, dim: int) -> torch.Tensor:
     return x.max(dim).indices
 
 
-def _least(errs: list[float]) -> int:
-    """The first index within rounding of the least error."""
-    best = 0
-    for i in range(1, len(errs)):
-        if errs[i] < errs[best] * (1 - 1e-12):
-            best = i
-    return best
+def _least(errs: torch.Tensor) -> torch.Tensor:
+    """Per row of ``errs`` (B, A), the first index within rounding of the row's least error
+    (B,), on the device of ``errs`` (no host synchronisation)."""
+    least = errs.amin(1, keepdim=True)
+    close = errs <= least * (1 + 1e-12) + torch.finfo(errs.dtype).tiny
+    return close.to(torch.uint8).argmax(1)
 
 
 class Head(Objective):
