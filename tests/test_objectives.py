@@ -212,5 +212,6 @@ def test_probe_in_float32_keeps_the_float64_scores(digits):
         b = f32.score_many(outputs, digits, f32.prepare(digits))
         assert [m["alpha"] for _, m in b] == [m["alpha"] for _, m in a]
         assert [v for v, _ in b] == pytest.approx([v for v, _ in a], abs=1e-4)
+    assert get_objective("probe:dtype=float32").dtype == torch.float32
     with pytest.raises(ObjectiveError, match="float32 or float64"):
-        Probe(dtype=torch.float16)
+        get_objective("probe:dtype=float16")

@@ -200,7 +200,8 @@ class Probe(Objective):
     Args:
         alphas: Candidate ridge strengths relative to the train-split size.
         dtype: Precision of the solve: float64 (default), or float32 for an accelerator with
-            slow float64 arithmetic (consumer cards): standardised features then still pick
+            slow float64 arithmetic (consumer cards; ``probe:dtype=float32`` as an objective
+            name): standardised features then still pick
             the same ridge strength, but near-tied val images can flip (on random-weight
             digits banks 1-3 of 720 images, in 11-37% of orders).
 
@@ -216,9 +217,11 @@ class Probe(Objective):
     on_device = True
 
     def __init__(self, alphas: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0), *,
-                 dtype: torch.dtype | None = None) -> None:
+                 dtype: torch.dtype | str | None = None) -> None:
         if not alphas or min(alphas) <= 0:
             raise ObjectiveError("probe alphas must be positive")
+        if isinstance(dtype, str):  # "probe:dtype=float32" on the command line
+            dtype = {"float32": torch.float32, "float64": torch.float64}.get(dtype, dtype)  # type: ignore[arg-type]
         if dtype not in (None, torch.float32, torch.float64):
             raise ObjectiveError(f"probe dtype must be float32 or float64, got {dtype}")
         self.alphas = tuple(float(a) for a in alphas)
