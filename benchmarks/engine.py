@@ -264,9 +264,11 @@ class Naive:
         return self.obj.score(out, self.data, self.state)[0]
 
 
-def run_paired(engine: Engine, naive: Naive, batches: list) -> tuple[list[float], float, list[float], float]:
+def run_paired(engine: Engine, naive: Naive, batches: list,
+               limit: LimitSampler | None = None) -> tuple[list[float], float, list[float], float]:
     """Each batch through the engine (ask/tell on its study), then the same orders through the
-    naive Optuna objective: the two sides alternate, so both meet the same machine load."""
+    naive Optuna objective: the two sides alternate, so both meet the same machine load (and
+    so does ``limit``, sampled after each batch)."""
     orders = all_orders(batches)
     estudy = optuna.create_study(direction="maximize")
     nstudy = optuna.create_study(direction="maximize")
@@ -291,6 +293,8 @@ def run_paired(engine: Engine, naive: Naive, batches: list) -> tuple[list[float]
         nstudy.optimize(objective, n_trials=len(batch))
         t2 = time.perf_counter()
         et, nt = et + t1 - t0, nt + t2 - t1
+        if limit is not None:
+            limit.sample()
     return ev, et, nv, nt
 
 
@@ -345,6 +349,53 @@ def block_forward_seconds(bank, data: EvalSet, batch_size: int, device: str, dty
     return times[len(times) // 2]
 
 
+class LimitSampler:
+    """One isolated block forward over all of ``data`` per :meth:`sample` (the bank's blocks in
+    turn, in chunks of ``batch_size`` as the engine runs them; CUDA events on a GPU), taken
+    between the timed batches so that the limit meets the same machine load as the engine: on
+    this shared machine a block forward measured once, before the streams, was off by up to
+    1.8x from the same forward during them (two runs on 2026-12-06)."""
+
+    def __init__(self, bank, data: EvalSet, batch_size: int, device: str, dtype: torch.dtype = torch.float32) -> None:
+        self.bank, self.device, self.dtype = bank.to(device), device, dtype
+        self.cuda = torch.device(device).type == "cuda"
+        with torch.inference_mode(), self._auto():
+            self.chunks = [self.bank.stem(data.x[s : s + batch_size].to(device)) for s in range(0, len(data), batch_size)]
+        self.times: list[float] = []
+        self._next = 0
+        for _ in range(len(self.bank.blocks)):  # warm-up: every block once, untimed
+            self._one()
+
+    def _auto(self):
+        if self.dtype == torch.float32:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self.device).type, dtype=self.dtype)
+
+    def _one(self) -> float:
+        block = self.bank.blocks[self._next % len(self.bank.blocks)]
+        self._next += 1
+        with torch.inference_mode(), self._auto():
+            if self.cuda:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            t0 = time.perf_counter()
+            for c in self.chunks:
+                block(c)
+            if self.cuda:
+                end.record()
+                end.synchronize()
+                return start.elapsed_time(end) / 1e3
+            return time.perf_counter() - t0
+
+    def sample(self) -> None:
+        self.times.append(self._one())
+
+    def seconds(self) -> float:
+        """The median sampled block forward."""
+        t = sorted(self.times)
+        return t[len(t) // 2]
+
+
 def split_cells(st) -> str:
     """The engine's time, as shares: blocks / stem / tail / objective / planning / the rest."""
     total = max(st.total_seconds, 1e-12)
@@ -374,15 +425,20 @@ def throughput_table(name, bank, data, streams, n_candidates, facts, batch_size,
     ]
     limit_rows = [
         "",
-        "The limit: distinct prefixes x one block forward over the images, measured in this run on the bank's own "
-        "blocks at the same batch and dtype ({:.2f} ms); the engine's time split in % of its wall time: "
-        "blocks / stem / tail / objective / planning / the rest.\n",
-        "| stream | distinct prefixes | limit cand/s | engine cand/s | fraction of limit | cache efficiency | "
-        "time split % | non-block share (tail + objective + bookkeeping) |",
-        "|---|---|---|---|---|---|---|---|",
+        "The limit: distinct prefixes x one block forward over the images on the bank's own blocks at the same "
+        "batch and dtype, taken as the naive side's time per block forward over its forwards of the stream, "
+        "which alternate with the engine's batch by batch (so they meet the same machine load; on this shared "
+        "machine one forward measured before the streams was off by up to 1.8x from the same forward during "
+        "them, two runs on 2026-12-06). Beside it, the median of isolated forwards of one block over all the "
+        "images, one taken after each batch (the blocks in turn; a single measurement before the streams: "
+        "{:.2f} ms). The engine's time split in % of its wall time: blocks / stem / tail / objective / "
+        "planning / the rest.\n",
+        "| stream | distinct prefixes | block forward (naive's, in the stream) | isolated forward, median (n) | "
+        "limit cand/s | engine cand/s | fraction of limit | cache efficiency | time split % | "
+        "non-block share (tail + objective + bookkeeping) |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
-    per_prefix = block_forward_seconds(bank, data, batch_size, device)
-    limit_rows[1] = limit_rows[1].format(1e3 * per_prefix)
+    limit_rows[1] = limit_rows[1].format(1e3 * block_forward_seconds(bank, data, batch_size, device))
     out = {}
     naive = Naive(bank, data, "probe", batch_size, device)
     naive.score(bank.identity)  # warm-up, both sides
@@ -400,7 +456,8 @@ def throughput_table(name, bank, data, streams, n_candidates, facts, batch_size,
         gc.collect()
         naive.block_seconds, naive.blocks = 0.0, 0
         eng = engine()
-        ev, et, nv, nt = run_paired(eng, naive, batches)
+        sampler = LimitSampler(bank, data, batch_size, device)
+        ev, et, nv, nt = run_paired(eng, naive, batches, sampler)
         st = eng.stats
         proxy = facts[s]["cells"]["25", "gdsf"].block_evals
         if budget < int(0.25 * limit * node):  # capped: the counts of a proxy with as many nodes
@@ -423,10 +480,13 @@ def throughput_table(name, bank, data, streams, n_candidates, facts, batch_size,
             f"({(st.output_seconds + st.objective_seconds) / st.total_seconds:.1%}) | "
             f"{'yes' if same else 'NO'}{'' if st.block_evals == proxy else f' (counts {st.block_evals} != proxy {proxy})'} |"
         )
+        per_prefix = nai_pb
         limit_cps = len(orders) / (limit * per_prefix)
         fraction = (len(orders) / et) / limit_cps
         nonblock = (st.total_seconds - st.block_seconds - st.stem_seconds) / st.total_seconds
-        limit_rows.append(f"| {s} | {limit} | {limit_cps:.1f} | {len(orders) / et:.1f} | {fraction:.2f} | "
+        limit_rows.append(f"| {s} | {limit} | {1e3 * per_prefix:.2f} ms ({naive.blocks}) | "
+                          f"{1e3 * sampler.seconds():.2f} ms ({len(sampler.times)}) | {limit_cps:.1f} | "
+                          f"{len(orders) / et:.1f} | {fraction:.2f} | "
                           f"{st.cache_efficiency:.3f} | {split_cells(st)} | {nonblock:.1%} |")
         out[s] = dict(values=dict(zip((o.ids for o in orders), ev)), naive_best=max(v for v in nv if v == v),
                       fraction=fraction, nonblock_limit=nonblock,
