@@ -321,32 +321,11 @@ def block_forward_seconds(bank, data: EvalSet, batch_size: int, device: str, dty
                           repeats: int = 5) -> float:
     """Seconds of one block forward over all of ``data`` (in chunks of ``batch_size``, as the
     engine runs it), at ``dtype``: the median over ``repeats`` passes through every block of the
-    bank (CUDA events on a GPU). ``distinct prefixes x this`` is what an unlimited cache with
-    free scoring and bookkeeping would take: the limit."""
-    cuda = torch.device(device).type == "cuda"
-    bank = bank.to(device)
-    auto = torch.autocast(torch.device(device).type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
-    with torch.inference_mode(), auto:
-        chunks = [bank.stem(data.x[s : s + batch_size].to(device)) for s in range(0, len(data), batch_size)]
-        times = []
-        for r in range(repeats + 1):  # the first pass warms up
-            for block in bank.blocks:
-                if cuda:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                t0 = time.perf_counter()
-                for c in chunks:
-                    block(c)
-                if cuda:
-                    end.record()
-                    end.synchronize()
-                    dt_ = start.elapsed_time(end) / 1e3
-                else:
-                    dt_ = time.perf_counter() - t0
-                if r:
-                    times.append(dt_)
-    times.sort()
-    return times[len(times) // 2]
+    bank (CUDA events on a GPU), measured at once."""
+    sampler = LimitSampler(bank, data, batch_size, device, dtype)
+    for _ in range(repeats * len(sampler.bank.blocks)):
+        sampler.sample()
+    return sampler.seconds()
 
 
 class LimitSampler:

@@ -45,9 +45,6 @@ _MEMO_SIZE = 1 << 16
 _STATS_SIZE = 1 << 17
 _SCORE_BATCH = 64  # candidates scored in one objective call, at most
 _SCORE_BYTES = 32 * 2**20  # and their outputs' bytes
-#: The failure reason of a candidate whose outputs were found not finite when scored (on an
-#: accelerator), until the walk is done and the failing block is looked up.
-_UNFINITE = "non-finite outputs (to be diagnosed)"
 
 
 def _slices(n: int, batch_size: int) -> list[slice]:
@@ -258,14 +255,15 @@ class Engine:
                 pending: list[tuple[Order, torch.Tensor]] = []
                 pending_bytes = 0
 
-                unfinite: list[tuple[int, ...]] = []  # checked after the walk: which block?
+                unfinite: list[tuple[int, ...]] = []  # diagnosed after the walk: which block?
 
                 def score_pending() -> None:
                     nonlocal pending_bytes
-                    for s in self._score_many(level, pending):
-                        results[s.order.ids] = s
-                        if s.failed == _UNFINITE:
-                            unfinite.append(s.order.ids)
+                    finite = pending
+                    if self.check_finite and not self._sync_checks:
+                        finite, bad = self._split_finite(pending)
+                        unfinite.extend(bad)
+                    results.update((s.order.ids, s) for s in self._score_many(level, finite))
                     pending.clear()
                     pending_bytes = 0
 
@@ -377,14 +375,15 @@ class Engine:
 
     # --- internals ----------------------------------------------------------------------
     def _walk(self, level: _Level, ids: list[tuple[int, ...]], ready: Callable[[tuple[int, ...], torch.Tensor], None],
-              failed: Callable[[tuple[int, ...], str], None], cache: PrefixCache | None = None) -> None:
+              failed: Callable[[tuple[int, ...], str], None], diagnose: bool = False) -> None:
         """Walk the sorted, distinct ``ids`` over ``level``: ``ready(ids, outputs)`` with each
         candidate's outputs over all the level's images, or ``failed(ids, reason)``. A sharded
         level is walked shard by shard (each shard's stem output given back after its walk),
-        and a candidate's outputs are the concatenation of its shards'. ``cache``: another
-        prefix cache than the engine's."""
+        and a candidate's outputs are the concatenation of its shards'. ``diagnose``: from the
+        stem and past the cache (a cached prefix would hide where an order went wrong), with
+        the checks that name a failing block, on any device."""
         if level.shards is None:
-            self._walk_one(level, ids, ready, failed, cache)
+            self._walk_one(level, ids, ready, failed, diagnose)
             return
         parts: dict[tuple[int, ...], list[torch.Tensor]] = {i: [] for i in ids}
         reasons: dict[tuple[int, ...], str] = {}
@@ -392,7 +391,7 @@ class Engine:
             alive = [i for i in ids if i not in reasons]
             if not alive:
                 break
-            self._walk_one(shard, alive, lambda i, out: parts[i].append(out), reasons.setdefault, cache)
+            self._walk_one(shard, alive, lambda i, out: parts[i].append(out), reasons.setdefault, diagnose)
             if shard.root is not None:
                 shard.root.release()
                 shard.root = None
@@ -404,12 +403,14 @@ class Engine:
 
     def _walk_one(self, level: _Level, ids: list[tuple[int, ...]],
                   ready: Callable[[tuple[int, ...], torch.Tensor], None],
-                  failed: Callable[[tuple[int, ...], str], None], cache: PrefixCache | None = None) -> None:
+                  failed: Callable[[tuple[int, ...], str], None], diagnose: bool = False) -> None:
+        check = diagnose or self._sync_checks
+
         def finish(key: Key, path: list[tuple[Key, Handle]] | None, why: str | None) -> Bad:
             if path is None:
                 failed(key[1:], why or "failed")
                 return None
-            if not self._sync_checks:  # checked when scored
+            if not check:  # checked when scored
                 ready(key[1:], self._outputs(level, key, path[-1][1]))
                 return None
             outputs, reason, bad = self._checked_outputs(level, key, path)
@@ -421,24 +422,35 @@ class Engine:
 
         root = self._root(level)
         keys = [(level.index, *i) for i in ids]
-        cache = self.cache if cache is None else cache
+        cache = PrefixCache(0, self.cache.policy) if diagnose else self.cache
         hits, planned = walk(keys, cache, self.pool, root, functools.partial(self._compute, level), finish, level.poison)
         self.stats.cache_hits += hits
         self.stats.plan_seconds += planned
 
     def _diagnose(self, level: _Level, ids: tuple[int, ...]) -> str:
-        """Why an order's outputs are not finite, found by walking it again, from the stem
-        and past the cache (a cached prefix would hide where it went wrong), with the checks
+        """Why an order's outputs are not finite, found by walking it again with the checks
         that name the first failing block (and poison it for later batches)."""
         reasons: list[str] = []
-        sync, self._sync_checks = self._sync_checks, True
-        try:
-            with torch.inference_mode(), self._autocast():
-                self._walk(level, [ids], lambda *_: None, lambda _, why: reasons.append(why),
-                           PrefixCache(0, self.cache.policy))
-        finally:
-            self._sync_checks = sync
+        with torch.inference_mode(), self._autocast():
+            self._walk(level, [ids], lambda *_: None, lambda _, why: reasons.append(why), diagnose=True)
         return reasons[0] if reasons else f"non-finite {self.objective.output}"
+
+    @staticmethod
+    def _split_finite(
+        pending: list[tuple[Order, torch.Tensor]],
+    ) -> tuple[list[tuple[Order, torch.Tensor]], list[tuple[int, ...]]]:
+        """The candidates of ``pending`` whose outputs are finite, and the ids of the others,
+        found with one wait for the device (on an accelerator, outputs are not checked as they
+        are made)."""
+        sums = torch.stack([o.sum() for _, o in pending]).isfinite().tolist()
+        finite, bad = [], []
+        for ok, (order, out) in zip(sums, pending):
+            # a sum of finite outputs overflows only near 1e38: confirm with the exact test
+            if ok or bool(torch.isfinite(out).all()):
+                finite.append((order, out))
+            else:
+                bad.append(order.ids)
+        return finite, bad
 
     def _shard_size(self, n: int) -> int:
         """Images per shard of a level of ``n`` images (``n``: not sharded)."""
@@ -629,20 +641,12 @@ class Engine:
                 return outputs, reason, (k, reason)
         return outputs, f"non-finite {self.objective.output}", None
 
-    def _score_many(self, level: _Level, pending: list[tuple[Order, torch.Tensor]], checked: bool = False) -> list[Score]:
+    def _score_many(self, level: _Level, pending: list[tuple[Order, torch.Tensor]]) -> list[Score]:
         """Scores of candidates whose outputs are finite; a candidate whose scoring raises or
         returns a non-finite value fails with the reason (a batch that raises is scored one
-        by one to find which). Outputs not checked yet (on an accelerator) are checked here,
-        with one wait for the group; those not finite fail as :data:`_UNFINITE`, for the
-        caller to diagnose."""
-        if self.check_finite and not self._sync_checks and not checked:
-            sums = torch.stack([o.sum() for _, o in pending]).isfinite().tolist()
-            # a sum of finite outputs overflows only near 1e38: confirm with the exact test
-            finite = [ok or bool(torch.isfinite(o).all()) for ok, (_, o) in zip(sums, pending)]
-            if not all(finite):
-                bad = [self._failed(order, level, _UNFINITE) for ok, (order, _) in zip(finite, pending) if not ok]
-                good = [p for ok, p in zip(finite, pending) if ok]
-                return bad + (self._score_many(level, good, checked=True) if good else [])
+        by one to find which)."""
+        if not pending:
+            return []
         t1, start = time.perf_counter(), self._gpu_start()
         outputs = [o if self.objective.on_device else o.cpu() for _, o in pending]
         try:
@@ -650,7 +654,7 @@ class Engine:
         except (RuntimeError, torch.linalg.LinAlgError) as exc:
             self._timed("objective_seconds", start, t1)
             if len(pending) > 1:
-                return [s for p in pending for s in self._score_many(level, [p], checked=True)]
+                return [s for p in pending for s in self._score_many(level, [p])]
             reason = f"objective {self.objective.name} raised {type(exc).__name__.lstrip('_')}: {exc}"
             return [self._failed(pending[0][0], level, reason)]
         self._timed("objective_seconds", start, t1)

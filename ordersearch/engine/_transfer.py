@@ -24,12 +24,18 @@ import torch
 
 from ..errors import ObjectiveError
 from ..evalset import EvalSet
-from .objectives import _GROUP_BYTES, Objective, _left_singular, candidate_groups, single_threaded, work_dtype
+from .objectives import _GROUP_BYTES, Objective, _left_singular, candidate_groups, single_threaded
 
 __all__ = ["Knn", "LogME"]
 
 # (B, N, N) similarity matrices are built for at most this many bytes of candidates at once
 _SIM_BYTES = 64 * 2**20
+
+
+def work_dtype(device: torch.device) -> torch.dtype:
+    """float64 on the CPU (so a batch of candidates gives bit-identical values to one-by-one
+    scoring and no near-tie flips), float32 on an accelerator."""
+    return torch.float64 if device.type == "cpu" else torch.float32
 
 
 @dataclass(frozen=True)

@@ -22,8 +22,8 @@ import torch
 
 from ..errors import ObjectiveError
 from ..evalset import EvalSet
-from ._transfer import _SIM_BYTES
-from .objectives import _GROUP_BYTES, Objective, _accuracy, candidate_groups, single_threaded, work_dtype
+from ._transfer import _SIM_BYTES, work_dtype
+from .objectives import _GROUP_BYTES, Objective, _accuracy, candidate_groups, single_threaded
 
 __all__ = ["BNM", "SND"]
 

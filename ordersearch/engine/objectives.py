@@ -152,13 +152,6 @@ def candidate_groups(outputs: Sequence[torch.Tensor], bytes_each: int,
 # --- labelled -------------------------------------------------------------------------
 
 
-def work_dtype(device: torch.device) -> torch.dtype:
-    """float64 on the CPU (so a batch of candidates gives bit-identical values to one-by-one
-    scoring and no near-tie flips), float32 on an accelerator (its float64 is slow on most
-    cards; the outputs are standardised first, so float32 keeps the probe's scores)."""
-    return torch.float64 if device.type == "cpu" else torch.float32
-
-
 @dataclass(frozen=True)
 class _ProbeState:
     train: torch.Tensor
@@ -201,9 +194,9 @@ class Probe(Objective):
         alphas: Candidate ridge strengths relative to the train-split size.
         dtype: Precision of the solve: float64 (default), or float32 for an accelerator with
             slow float64 arithmetic (consumer cards; ``probe:dtype=float32`` as an objective
-            name): standardised features then still pick
-            the same ridge strength, but near-tied val images can flip (on random-weight
-            digits banks 1-3 of 720 images, in 11-37% of orders).
+            name): standardised features then still pick the same ridge strength, but
+            near-tied val images can flip (on random-weight digits banks 1-3 of 720 images, in
+            11-37% of orders).
 
     Side metrics: ``alpha`` (chosen, relative), ``loo_accuracy`` (leave-one-out accuracy on
     the train split at that alpha), ``train_accuracy``.
@@ -217,12 +210,12 @@ class Probe(Objective):
     on_device = True
 
     def __init__(self, alphas: Sequence[float] = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0), *,
-                 dtype: torch.dtype | str | None = None) -> None:
+                 dtype: torch.dtype | str = torch.float64) -> None:
         if not alphas or min(alphas) <= 0:
             raise ObjectiveError("probe alphas must be positive")
         if isinstance(dtype, str):  # "probe:dtype=float32" on the command line
             dtype = {"float32": torch.float32, "float64": torch.float64}.get(dtype, dtype)  # type: ignore[arg-type]
-        if dtype not in (None, torch.float32, torch.float64):
+        if dtype not in (torch.float32, torch.float64):
             raise ObjectiveError(f"probe dtype must be float32 or float64, got {dtype}")
         self.alphas = tuple(float(a) for a in alphas)
         self.dtype = dtype
@@ -260,8 +253,7 @@ class Probe(Objective):
             groups = candidate_groups(outputs, 8 * outputs[0].numel())
         else:  # the (A, C, n) residuals are the largest tensor per candidate
             n, (a, c) = len(state.train), (len(self.alphas), state.onehot.shape[1])
-            itemsize = (self.dtype or torch.float64).itemsize
-            groups = candidate_groups(outputs, itemsize * max(outputs[0].numel(), a * c * n), _DEVICE_GROUP_BYTES)
+            groups = candidate_groups(outputs, self.dtype.itemsize * max(outputs[0].numel(), a * c * n), _DEVICE_GROUP_BYTES)
         return [s for group in groups for s in self._group(group, state)[0]]
 
     def _group(
@@ -269,7 +261,7 @@ class Probe(Objective):
     ) -> tuple[list[tuple[float, dict[str, float]]], torch.Tensor]:
         """The scores of one group of candidates and their val predictions (B, n_val)."""
         device = outputs[0].device
-        dtype = self.dtype or torch.float64
+        dtype = self.dtype
         eps = torch.finfo(dtype).eps
         state = state.on(device, dtype)
         with single_threaded(device):

@@ -170,12 +170,12 @@ def _loop(ctx: SearchContext, searcher: Searcher, rungs: list[int], callbacks: l
 def _trials(ctx: SearchContext, searcher: Searcher, run: _Run, bar: Any, n_trials: int, batch_size: int,
             timeout: float | None, start: float) -> None:
     """Ask, claim, score and tell until the budget is met; fail what is held on the way out."""
-    study, bank = ctx.study, ctx.bank
+    study = ctx.study
     assert study is not None and ctx.leases is not None
     stopped = "worker stopped"
     try:
         if not _has_baseline(study.get_trials(deepcopy=False), ctx):
-            run.batch(run.claim([ctx.ask_order(bank.identity, baseline=True)], n_trials)[0])
+            run.baseline(n_trials)
         searcher.prepare(ctx)
         known_only = 0  # consecutive batches in which every proposal was an order already asked
         while True:
@@ -195,7 +195,7 @@ def _trials(ctx: SearchContext, searcher: Searcher, run: _Run, bar: Any, n_trial
             if remaining > 0 and not _has_baseline(trials, ctx):
                 # the worker that held the baseline died (its trial was just reclaimed): every
                 # study keeps "do nothing" among its trials, so another worker scores it again
-                run.batch(run.claim([ctx.ask_order(bank.identity, baseline=True)], n_trials)[0])
+                run.baseline(n_trials)
                 continue
             if remaining <= 0:
                 if not any(t.state == TrialState.RUNNING for t in trials):
@@ -244,6 +244,10 @@ class _Run:
         self.ctx, self.searcher, self.rungs, self.callbacks, self.bar = ctx, searcher, rungs, callbacks, bar
         self.best = -math.inf
         self.held = HeldInterrupts()  # Ctrl-C: at once while scoring, after the write otherwise
+
+    def baseline(self, n_trials: int) -> None:
+        """Ask for the identity order as the study's baseline trial and score it."""
+        self.batch(self.claim([self.ctx.ask_order(self.ctx.bank.identity, baseline=True)], n_trials)[0])
 
     def claim(self, items: list[tuple[optuna.Trial, Order]], n_trials: int) -> tuple[list[tuple[optuna.Trial, Order]], int]:
         """The asked trials this worker scores, and how many were refused as known orders.
