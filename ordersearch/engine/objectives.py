@@ -194,9 +194,8 @@ class Probe(Objective):
         alphas: Candidate ridge strengths relative to the train-split size.
         dtype: Precision of the solve: float64 (default), or float32 for an accelerator with
             slow float64 arithmetic (consumer cards; ``probe:dtype=float32`` as an objective
-            name): standardised features then still pick the same ridge strength, but
-            near-tied val images can flip (on random-weight digits banks 1-3 of 720 images, in
-            11-37% of orders).
+            name): standardised features then still pick the same ridge strength, but a
+            near-tied val image can flip.
 
     Side metrics: ``alpha`` (chosen, relative), ``loo_accuracy`` (leave-one-out accuracy on
     the train split at that alpha), ``train_accuracy``.
