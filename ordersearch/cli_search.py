@@ -247,6 +247,7 @@ def _job(cfg: RunConfig, bank: Any, *, progress: bool, record: bool = True) -> A
     """The :class:`~ordersearch.search.SearchJob` of resolved settings (storage and study set);
     ``record``: the settings are recorded with the study for workers that join it later."""
     from . import data as osdata
+    from .cli import _progress_bar
     from .engine import EngineConfig
     from .order import Order
     from .search import SearchError, SearchJob, SelectionConfig
@@ -258,7 +259,11 @@ def _job(cfg: RunConfig, bank: Any, *, progress: bool, record: bool = True) -> A
     spec = osdata.parse_spec(cfg.data)
     if cfg.splits:
         spec = replace(spec, split=osdata.parse_split(cfg.splits, "--splits"))
-    data = osdata.load(spec, bank.data_config, seed=cfg.seed)
+    update, close = _progress_bar(progress)  # a large image folder is streamed to disk first
+    try:
+        data = osdata.load(spec, bank.data_config, seed=cfg.seed, progress=update)
+    finally:
+        close()
     space_kwargs: dict[str, Any] = {}
     if cfg.max_repeats is not None:
         space_kwargs["max_repeats"] = cfg.max_repeats or None  # 0: unlimited

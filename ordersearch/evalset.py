@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from ._images import gather, open_npy
 from .errors import DataError
 
 __all__ = ["EvalSet"]
@@ -72,20 +73,12 @@ class EvalSet:
         """An EvalSet whose images stay on disk: ``path`` is a ``.npy`` file of preprocessed
         float32 images (N, C, H, W), memory-mapped, so only the images a block forward reads
         are in memory (with the engine's shards, memory is set by its cache budget, not by N).
-        Write one in chunks with ``numpy.lib.format.open_memmap(path, "w+", np.float32, shape)``.
-        Derived sets (:meth:`subset`, :meth:`select`, ...) are copies in memory."""
-        import numpy as np
-
+        Write one in chunks with ``numpy.lib.format.open_memmap(path, "w+", np.float32, shape)``,
+        or let :func:`ordersearch.data.load` stream an image folder into one. Derived sets
+        (:meth:`subset`, :meth:`select`, ...) larger than 1 GiB stay on disk too (a temporary
+        file in the cache folder)."""
         path = Path(path)
-        if not path.is_file():
-            raise DataError(f"no such file: {path}")
-        try:
-            array = np.load(path, mmap_mode="c")  # copy-on-write: writable, never written back
-        except ValueError as exc:
-            raise DataError(f"{path} is not a .npy array file ({exc})") from None
-        if array.dtype != np.float32 or array.ndim < 2:
-            raise DataError(f"{path}: expected float32 images (N, C, H, W), got {array.dtype} {array.shape}")
-        return cls(torch.from_numpy(array), y, **{"name": path.name, **kwargs})
+        return cls(open_npy(path), y, **{"name": path.name, **kwargs})
 
     @classmethod
     def with_split(
@@ -150,7 +143,7 @@ class EvalSet:
     def select(self, idx: torch.Tensor, *, name: str | None = None) -> EvalSet:
         """The images at ``idx`` as a new EvalSet with its own split."""
         return EvalSet(
-            self.x[idx],
+            gather([(self.x, idx)]),
             None if self.y is None else self.y[idx],
             val_fraction=self.val_fraction,
             seed=self.seed,

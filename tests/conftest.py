@@ -15,6 +15,15 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _cache_folder(tmp_path_factory, monkeypatch):
+    """Streamed datasets and large temporary image sets go to a throwaway folder, never to the
+    user's ~/.cache."""
+    monkeypatch.setenv("ORDERSEARCH_CACHE", str(tmp_path_factory.mktemp("cache")))
+
 
 # --- PostgreSQL -------------------------------------------------------------------------------
 # Shared-study tests run against a real PostgreSQL, managed by pytest-postgresql: each test gets
@@ -27,8 +36,6 @@ import glob  # noqa: E402
 import shutil  # noqa: E402
 import uuid  # noqa: E402
 from urllib.parse import urlsplit  # noqa: E402
-
-import pytest  # noqa: E402
 
 _PG_URL = os.environ.get("ORDERSEARCH_TEST_POSTGRES_URL")
 _PG_CTL = shutil.which("pg_ctl") or next(iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))[-1:]), None)

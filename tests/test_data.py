@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from ordersearch.data import (
     SHIFTS,
     WORK_SIZE,
     Data,
+    _files,
     apply_shifts,
     describe_shifts,
     digits_images,
@@ -321,6 +323,85 @@ def test_image_folder_errors(tmp_path):
     (tmp_path / "a" / "broken.png").write_bytes(b"not a png")
     with pytest.raises(DataError, match="broken.png"):
         load(str(tmp_path))
+
+
+# --- folders streamed to disk --------------------------------------------------------------
+def _mapped_file(t: torch.Tensor) -> str | None:
+    """The file whose memory map holds ``t``'s data, or None when it is in anonymous memory."""
+    ptr = t.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, _, _, _, inode, *path = line.split(maxsplit=5)
+        lo, hi = (int(v, 16) for v in span.split("-"))
+        if lo <= ptr < hi:
+            return path[0] if path and inode != "0" else None
+    return None
+
+
+def test_a_streamed_folder_is_the_folder_loaded_in_memory(tmp_path):
+    _write_pngs(tmp_path / "f", {"c0": 12, "c1": 12, "c7": 6})
+    for spec in (str(tmp_path / "f"), f"{tmp_path / 'f'}:classes=c0,c7,rotate=90,n=14"):
+        whole = load(spec, RGB32, seed=3, stream=False)
+        streamed = load(spec, RGB32, seed=3, stream=True)
+        for name in ("train", "val", "test"):
+            (xw, yw), (xs, ys) = whole.split(name), streamed.split(name)
+            assert torch.equal(xw, xs) and torch.equal(yw, ys) and torch.equal(whole.index[name], streamed.index[name])
+            assert _mapped_file(xs).startswith(os.environ["ORDERSEARCH_CACHE"])  # on disk, not in memory
+        assert streamed.spec == whole.spec and streamed.description["streamed"] is True
+
+
+def test_a_streamed_folder_is_reused_and_resumed_after_a_kill(tmp_path, monkeypatch):
+    from ordersearch.data import _stream
+
+    _write_pngs(tmp_path / "f", {"c0": 10, "c1": 10})
+    whole = load(str(tmp_path / "f"), RGB32, stream=False)
+    monkeypatch.setattr(_stream, "_CHUNK", 4)
+    decoded: list[int] = []
+    real = _files._Decoder.__call__
+    monkeypatch.setattr(_files._Decoder, "__call__", lambda self, idx: decoded.append(len(idx)) or real(self, idx))
+    seen: list[int] = []
+
+    def killed(stage, done, total):
+        seen.append(done)
+        if done >= 8:
+            raise KeyboardInterrupt  # as a Ctrl-C after two chunks
+
+    with pytest.raises(KeyboardInterrupt):
+        load(str(tmp_path / "f"), RGB32, stream=True, progress=killed)
+    assert seen == [4, 8] and sum(decoded) == 1 + 8  # one image to learn the shape, two chunks
+    decoded.clear()
+    resumed = load(str(tmp_path / "f"), RGB32, stream=True)
+    assert sum(decoded) == 1 + 20 - 8  # the rest only
+    assert all(torch.equal(a, b) for a, b in zip(_all(whole), _all(resumed)))
+    decoded.clear()
+    again = load(str(tmp_path / "f"), RGB32, stream=True)
+    assert decoded == [] and torch.equal(_all(again), _all(whole))  # found, nothing decoded
+    # a changed file is a new dataset
+    _write_pngs(tmp_path / "f", {"c1": 1}, start=30)
+    load(str(tmp_path / "f"), RGB32, stream=True)
+    assert sum(decoded) == 1 + 20
+
+
+def test_streaming_says_what_it_cannot_do(tmp_path):
+    _write_pngs(tmp_path / "f", {"c0": 6, "c1": 6})
+    with pytest.raises(DataError, match="random shifts"):
+        load(f"{tmp_path / 'f'}:noise=0.1", RGB32, stream=True)
+    with pytest.raises(DataError, match="streams image folders"):
+        load("digits", RGB32, stream=True)
+    assert load(f"{tmp_path / 'f'}:noise=0.1", RGB32).description.get("streamed") is None  # small: in memory
+
+
+def test_large_derived_image_sets_stay_on_disk(monkeypatch):
+    from ordersearch import _images
+
+    es = EvalSet(torch.randn(300, 3, 8, 8), torch.arange(300) % 3)
+    small = es.subset(100)
+    assert _mapped_file(small.x) is None
+    monkeypatch.setattr(_images, "IN_MEMORY_BYTES", 10_000)
+    big = es.subset(100)
+    assert torch.equal(big.x, small.x) and "(deleted)" in _mapped_file(big.x)  # an unlinked temporary file
+    assert not list((Path(os.environ["ORDERSEARCH_CACHE"]) / "tmp").iterdir())  # nothing left behind
+    joined = _images.gather([(es.x, torch.tensor([5, 1])), (small.x, None)])
+    assert torch.equal(joined, torch.cat([es.x[[5, 1]], small.x]))
 
 
 # --- tensor files ---------------------------------------------------------------------------

@@ -661,6 +661,19 @@ def test_shards_need_source_statistics():
         Engine(bank, es, "infomax", norm="target", shard_images=64)
 
 
+def test_target_statistics_refuse_a_set_that_would_not_fit_in_memory(monkeypatch):
+    from ordersearch.engine import _engine
+
+    bank, es = _shard_problem(128)  # 128 images x 8 KiB per activation: 1 MiB a prefix
+    engine = Engine(bank, es, "infomax", norm="target", device="cpu")
+    memory = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 1000}  # a 4 MB machine: a quarter is under 1 MiB
+    monkeypatch.setattr(_engine.os, "sysconf", memory.__getitem__)
+    with pytest.raises(DataError, match="norm='target' keeps activations over all 128 images.*norm='source'"):
+        engine.evaluate(["0-1"])
+    memory["SC_PHYS_PAGES"] = 10_000  # 40 MB
+    assert engine.evaluate(["0-1"])[0].ok
+
+
 def test_a_memory_mapped_evalset_scores_as_one_in_memory(tmp_path):
     import numpy as np
     from numpy.lib.format import open_memmap

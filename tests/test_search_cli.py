@@ -102,3 +102,30 @@ def test_adapt_uses_infomax_without_labels_and_export_writes_the_top_orders(tmp_
     assert rank1["metadata"]["evidence"]["summary"] == spec["metadata"]["evidence"]["summary"]
     # the unsupervised objective is judged by the source head's accuracy on the labelled test split
     assert spec["metadata"]["evidence"]["test_interval"]["metric"] == "head"
+
+
+def test_a_folder_streamed_from_disk_is_searched_as_one_in_memory(tmp_path, monkeypatch):
+    """A folder too large for memory is streamed to memory-mapped files and every derived image
+    set (the held-out parts joined to the probe's fit part) written to temporary files: the
+    study's trials are those of the same folder loaded into memory."""
+    import numpy as np
+    from PIL import Image
+
+    from ordersearch import _images
+    from ordersearch.data import _load, digits_images
+
+    x, y, _ = digits_images()
+    for i in range(90):
+        (tmp_path / "f" / f"d{int(y[i])}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray((x[i, 0].numpy() * 255).astype(np.uint8)).save(tmp_path / "f" / f"d{int(y[i])}" / f"{i}.png")
+    argv = ["search", "--bank", BANK, "--data", str(tmp_path / "f"), "--searcher", "random", "--trials", "6",
+            "--finalists", "2", "--reliability-orders", "4", "--no-progress", "--seed", "0"]
+    assert main([*argv, "--out", str(tmp_path / "memory")]) == 0
+    monkeypatch.setattr(_load, "STREAM_BYTES", 0)
+    monkeypatch.setattr(_images, "IN_MEMORY_BYTES", 0)
+    assert main([*argv, "--out", str(tmp_path / "disk")]) == 0
+    assert len(list((_images.cache_root() / "images").glob("*/train.npy"))) == 1
+    memory, disk = (pd.read_csv(tmp_path / name / "trials.csv") for name in ("memory", "disk"))
+    assert list(disk["order"]) == list(memory["order"]) and list(disk["value"]) == list(memory["value"])
+    spec = json.loads((tmp_path / "disk" / "best_order.json").read_text())
+    assert spec["metadata"]["evidence"] == json.loads((tmp_path / "memory" / "best_order.json").read_text())["metadata"]["evidence"]

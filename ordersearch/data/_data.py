@@ -8,6 +8,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from .._images import gather
 from ..errors import DataError
 from ..evalset import EvalSet
 from ._files import SPLITS
@@ -81,7 +82,7 @@ class Data:
         parts = [getattr(self, n) for n in names]
         if len(parts) == 1:
             return parts[0]
-        x = torch.cat([p[0] for p in parts])
+        x = gather([(p[0], None) for p in parts])
         y = None if parts[0][1] is None else torch.cat([p[1] for p in parts])  # type: ignore[misc]
         return x, y
 

@@ -1,10 +1,13 @@
-"""Image folders (torchvision's ImageFolder) and tensor files (.npz, .pt), read whole into
-tensors at the bank's input size: evaluation sets here are small."""
+"""Image folders (torchvision's ImageFolder) and tensor files (.npz, .pt) at the bank's input
+size. Tensor files are read whole; a folder is listed first and its images decoded on demand
+(:attr:`Source.read`), all at once or, for a folder too large for memory, a chunk at a time
+(``_stream.py``)."""
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,18 +30,33 @@ class Source:
     """Images of one source before shifts, subsets and normalisation.
 
     Attributes:
-        x: (N, C, H, W) floats in [0, 1] (or already normalised, for ``norm=none`` files).
+        x: (N, C, H, W) floats in [0, 1] (or already normalised, for ``norm=none`` files), or
+            None for an image folder, whose images are decoded by ``read``.
         y: (N,) labels, or None.
         classes: Class names; empty when unlabelled.
         parts: Indices of train/val/test when the source comes split, else None.
         info: What to report about the source.
+        read: For a folder, ``read(idx)`` decodes the images at positions ``idx``.
+        files: For a folder, its image files in source order.
     """
 
-    x: torch.Tensor
+    x: torch.Tensor | None
     y: torch.Tensor | None
     classes: tuple[str, ...]
     parts: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    read: Callable[[torch.Tensor], torch.Tensor] | None = None
+    files: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.x) if self.x is not None else len(self.files)
+
+    def images(self) -> torch.Tensor:
+        """Every image, in memory."""
+        if self.x is None:
+            assert self.read is not None
+            self.x = self.read(torch.arange(len(self)))
+        return self.x
 
 
 def _concat(pieces: dict[str, tuple[torch.Tensor, torch.Tensor | None]], like: torch.Tensor) -> tuple[
@@ -79,47 +97,67 @@ def folder_transform(cfg: Config) -> Any:
 
 def load_folder(path: Path, cfg: Config) -> Source:
     """A folder of class subfolders; with ``train/`` and ``val/`` or ``test/`` inside, those
-    are the splits (a missing one is empty)."""
+    are the splits (a missing one is empty). Lists the images; they are decoded when read."""
     if not path.is_dir():
         raise DataError(f"no such folder: {path}")
     split_dirs = {s: path / s for s in SPLITS if (path / s).is_dir()}
     presplit = "train" in split_dirs and len(split_dirs) > 1
-    transform = folder_transform(cfg)
+    info: dict[str, Any] = {"source": "imagefolder", "path": str(path.resolve()), "presplit": presplit}
     if not presplit:
-        x, y, names = _read_image_folder(path, transform, cfg)
-        classes = tuple(names)
-        return Source(x, y, classes, None, {"source": "imagefolder", "path": str(path.resolve()), "presplit": False})
-    read = {s: _read_image_folder(d, transform, cfg) for s, d in split_dirs.items()}
-    classes = tuple(sorted({c for _, _, names in read.values() for c in names}))
+        files, y, classes = _list_image_folder(path)
+        return Source(None, y, tuple(classes), None, info, _Decoder(files, cfg, path), tuple(files))
+    listed = {s: _list_image_folder(d) for s, d in split_dirs.items()}
+    classes = tuple(sorted({c for _, _, names in listed.values() for c in names}))
     index = {c: i for i, c in enumerate(classes)}
-    pieces = {}
-    for s, (x, y, names) in read.items():
+    files, ys, parts, start = [], [], [], 0
+    for s in SPLITS:
+        f, y, names = listed.get(s, ([], torch.zeros(0, dtype=torch.long), []))
         remap = torch.tensor([index[c] for c in names], dtype=torch.long)
-        pieces[s] = (x, remap[y])
-    like = next(iter(read.values()))[0]
-    x, y, parts = _concat(pieces, like)
-    info = {"source": "imagefolder", "path": str(path.resolve()), "presplit": True, "splits": sorted(split_dirs)}
-    return Source(x, y, classes, parts, info)
+        files += f
+        ys.append(remap[y] if len(y) else y)
+        parts.append(torch.arange(start, start + len(f)))
+        start += len(f)
+    info["splits"] = sorted(split_dirs)
+    return Source(None, torch.cat(ys), classes, tuple(parts), info, _Decoder(files, cfg, path),  # type: ignore[arg-type]
+                  tuple(files))
 
 
-def _read_image_folder(root: Path, transform: Any, cfg: Config) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def _list_image_folder(root: Path) -> tuple[list[str], torch.Tensor, list[str]]:
+    """The image files of a folder of class subfolders, their labels and the class names."""
     from torchvision.datasets import ImageFolder
 
     try:
-        ds = ImageFolder(str(root), transform=transform)
+        ds = ImageFolder(str(root))
     except (FileNotFoundError, RuntimeError) as e:
         raise DataError(f"image folder {root}: {one_line(e)} (expected {root}/<class>/<image>.png)") from None
-    images = []
-    for i, (file, _) in enumerate(ds.samples):
-        try:
-            img, _ = ds[i]
-        except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for broken files
-            raise DataError(f"cannot read image {file}: {one_line(e)}") from None
-        images.append(to_channels(img.unsqueeze(0), cfg.channels, what=f"images in {root}"))
-    x = torch.cat(images)  # (N, C, H, W)
-    y = torch.tensor(ds.targets, dtype=torch.long)
-    log.debug("read %d images in %d classes from %s", len(x), len(ds.classes), root)
-    return x, y, list(ds.classes)
+    log.debug("listed %d images in %d classes in %s", len(ds.samples), len(ds.classes), root)
+    return [f for f, _ in ds.samples], torch.tensor(ds.targets, dtype=torch.long), list(ds.classes)
+
+
+class _Decoder:
+    """Decodes a folder's images at given positions: PIL -> timm's eval resize and crop ->
+    (N, C, H, W) floats in [0, 1] with the config's channels."""
+
+    def __init__(self, files: list[str], cfg: Config, root: Path) -> None:
+        from torchvision.datasets.folder import default_loader
+
+        self.files, self.cfg, self.root = files, cfg, root
+        self.transform = folder_transform(cfg)
+        self.loader = default_loader
+
+    def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        images = []
+        for i in idx.tolist():
+            file = self.files[i]
+            try:
+                img = self.transform(self.loader(file))
+            except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for broken files
+                raise DataError(f"cannot read image {file}: {one_line(e)}") from None
+            images.append(to_channels(img.unsqueeze(0), self.cfg.channels, what=f"images in {self.root}"))
+        if not images:
+            c, (h, w) = self.cfg.channels, self.cfg.size
+            return torch.zeros((0, c, h, w))
+        return torch.cat(images)
 
 
 # --- tensor files ---------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from ._prep import (
 )
 from ._shifts import apply_shifts
 from ._spec import DEFAULT_SPLIT, DataSpec, parse_spec
+from ._stream import STREAM_BYTES, Progress, stream_splits
 
 __all__ = ["load"]
 
@@ -48,6 +49,8 @@ def load(
     data_config: Mapping[str, Any] | None = None,
     *,
     seed: int = 0,
+    stream: bool | None = None,
+    progress: Progress | None = None,
 ) -> Data:
     """Load the data a spec names, split and preprocessed for a bank.
 
@@ -61,6 +64,13 @@ def load(
             seed of random shifts (a ``seed=`` in the spec overrides it for the shifts). The
             split depends on the labels and this seed only, so every shift of a dataset
             keeps each image in the same split.
+        stream: For an image folder: decode its images a chunk at a time into memory-mapped
+            ``.npy`` files in the cache folder (``$ORDERSEARCH_CACHE``, else
+            ``~/.cache/ordersearch``), reused by later runs and resumed after a kill, so memory
+            never holds the dataset. None: when the kept images take more than 2 GiB as
+            float32 tensors. Same images as in memory; random shifts (``noise``) are drawn over
+            the whole set at once and are not streamed.
+        progress: Called with ``(stage, done, total)`` while a folder is streamed.
 
     Returns:
         The splits as float tensors (N, C, H, W) with labels ``0..len(classes)-1``.
@@ -84,12 +94,9 @@ def load(
             raise DataError(f"{parsed.source} comes split into {', '.join(SPLITS)}; drop split= from the spec")
         parts = src.parts
     else:
-        parts = stratified_split(src.y, len(src.x), parsed.split or DEFAULT_SPLIT, seed)
+        parts = stratified_split(src.y, len(src), parsed.split or DEFAULT_SPLIT, seed)
 
-    x, y = src.x, src.y
-    if parsed.shifts:
-        x = apply_shifts(x, parsed.shifts, seed=parsed.seed if parsed.seed is not None else seed)
-
+    y = src.y
     classes, tokens = src.classes, parsed.classes
     if parsed.classes is not None:
         keep = _resolve_classes(parsed.classes, src, str(parsed))
@@ -106,16 +113,49 @@ def load(
         parts = _subset(parts, y, parsed.n, seed)
 
     canonical = str(replace(parsed, classes=tokens))
-    out: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
-    for name, idx in zip(SPLITS, parts):
-        xs = x[idx]
+    shift_seed = parsed.seed if parsed.seed is not None else seed
+
+    def shift(xs: torch.Tensor) -> torch.Tensor:
+        return apply_shifts(xs, parsed.shifts, seed=shift_seed) if parsed.shifts else xs
+
+    def finish(xs: torch.Tensor) -> torch.Tensor:  # to the bank's size, channels and statistics
         if parsed.norm:
             xs = normalise(to_channels(resize(xs, cfg.size, cfg.interpolation), cfg.channels), cfg)
-        out[name] = (xs.contiguous(), None if y is None else y[idx])
+        return xs.contiguous()
+
+    streamed = None
+    if _streams(stream, parsed, src, parts, cfg):
+        images, streamed = stream_splits(src, dict(zip(SPLITS, parts)), lambda xs: finish(shift(xs)),
+                                         {"spec": canonical, "seed": seed, "data_config": cfg.describe()}, progress)
+        out = {name: (images[name], None if y is None else y[idx]) for name, idx in zip(SPLITS, parts)}
+    else:
+        x = shift(src.images())  # every image: its random draws do not depend on the subset kept
+        out = {name: (finish(x[idx]), None if y is None else y[idx]) for name, idx in zip(SPLITS, parts)}
     description = _describe(canonical, parsed, src, cfg, seed, {k: len(v[0]) for k, v in out.items()}, classes)
+    if streamed is not None:
+        description["streamed"] = True
     log.info("loaded %s: %s images in %.2fs", canonical, description["sizes"], time.perf_counter() - start)
     index = dict(zip(SPLITS, parts))
     return Data(out["train"], out["val"], out["test"], classes if y is not None else (), canonical, description, index)
+
+
+def _streams(stream: bool | None, spec: DataSpec, src: Source, parts: Sequence[torch.Tensor], cfg: Config) -> bool:
+    """Whether to stream the kept images to disk (see :func:`load`'s ``stream``)."""
+    if stream is False:
+        return False
+    if src.x is not None:
+        if stream:
+            raise DataError(f"{spec.source}: stream=True streams image folders; this source is read whole")
+        return False
+    nbytes = sum(len(p) for p in parts) * cfg.channels * cfg.height * cfg.width * 4
+    if stream is None and nbytes <= STREAM_BYTES:
+        return False
+    if spec.is_random:
+        raise DataError(
+            f"{spec}: random shifts are drawn over the whole set at once, and these "
+            f"{nbytes / 2**30:.1f} GiB of images are streamed from disk; drop the random shift, "
+            "or keep fewer images (n=)")
+    return True
 
 
 def _read(spec: DataSpec, cfg: Config) -> Source:

@@ -19,6 +19,7 @@ import contextlib
 import functools
 import logging
 import math
+import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -454,11 +455,14 @@ class Engine:
 
     def _shard_size(self, n: int) -> int:
         """Images per shard of a level of ``n`` images (``n``: not sharded)."""
-        if self.shard_images == 0 or self.norm == "target":
+        per_image = math.prod(self.bank.data_config.get("block_shape") or (0,)) * self.dtype.itemsize
+        if self.norm == "target":
+            _check_whole(n, per_image)
+            return n
+        if self.shard_images == 0:
             return n
         if self.shard_images:
             return min(n, self.shard_images)
-        per_image = math.prod(self.bank.data_config.get("block_shape") or (0,)) * self.dtype.itemsize
         capacity = self.cache.capacity
         # shard when one activation over all images takes over a quarter of the budget, and the
         # budget holds 16 activations over a batch of images at least (a smaller budget is
@@ -674,6 +678,24 @@ class Engine:
             f"norm={self.norm}, cache={self.cache.capacity / 2**20:.0f} MiB/{self.cache.policy.name}, "
             f"device={self.device}, dtype={str(self.dtype).removeprefix('torch.')})"
         )
+
+
+def _check_whole(n: int, per_image: int) -> None:
+    """Target statistics are taken over all images at once, so a walk holds whole-set
+    activations (its path's, at least): refuse a set whose one activation would take a quarter
+    of this machine's memory, rather than let the machine swap."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not on this platform
+        return
+    if 4 * n * per_image > memory:
+        raise DataError(
+            f"norm='target' keeps activations over all {n} images at once ({n * per_image / 2**30:.1f} GiB per "
+            f"prefix, a path of several per walk) and this machine has {memory / 2**30:.0f} GiB: score on fewer "
+            "images (n_images=, --n-images), or use norm='source', which walks them in shards")
+    if 4 * n * per_image > 2**30:
+        log.warning("norm='target' keeps activations over all %d images at once: %.1f GiB per prefix", n,
+                    n * per_image / 2**30)
 
 
 def _retained_keys(levels: list[int], retain: list[tuple[int, ...]]) -> set[Key]:

@@ -102,8 +102,9 @@ class Objective(ABC):
         if values is not None:
             return values[idx].mean(1)
         out = []
+        like = evalset.x[:1].expand(idx.shape[1], *evalset.x.shape[1:])  # objectives read labels, not images
         for row in idx:
-            sub = EvalSet(evalset.x[row], None if evalset.y is None else evalset.y[row], seed=evalset.seed)
+            sub = EvalSet(like, None if evalset.y is None else evalset.y[row], seed=evalset.seed)
             out.append(self.score(outputs[row], sub, self.prepare(sub))[0])
         return torch.tensor(out, dtype=torch.float64)
 

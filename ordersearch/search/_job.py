@@ -35,6 +35,7 @@ import pandas as pd
 import torch
 from optuna.trial import FrozenTrial, TrialState
 
+from .._images import gather
 from ..data import Data, stratified_split
 from ..engine import DEFAULT_LABELLED, EngineConfig, get_objective
 from ..engine._norm import batchnorm_modules
@@ -132,7 +133,8 @@ def make_splits(data: Data, *, labelled: bool, seed: int = 0, n_images: int | No
         if len(xs) < 8:
             raise DataError(f"{data.spec}: {len(xs)} train images and no val split: too few to set a select part aside")
         rest, held = stratified_split(ys, len(xs), (1 - select_share, select_share), seed)
-        xs, ys, xv, yv = xs[rest], None if ys is None else ys[rest], xs[held], None if ys is None else ys[held]
+        xs, ys, xv, yv = (gather([(xs, rest)]), None if ys is None else ys[rest], gather([(xs, held)]),
+                          None if ys is None else ys[held])
         notes.append(f"{data.spec} has no val split: select is {len(held)} train images set aside "
                      f"({100 * select_share:.0f}%, stratified, seed {seed})")
     keep = labelled and ys is not None
@@ -161,7 +163,7 @@ def held_out(objective: Any, search: EvalSet, images: EvalSet) -> EvalSet:
     fit = search.train_idx
     n_fit = len(fit)
     return EvalSet.with_split(
-        torch.cat([search.x[fit], images.x]), torch.cat([search.y[fit], images.y]),
+        gather([(search.x, fit), (images.x, None)]), torch.cat([search.y[fit], images.y]),
         torch.arange(n_fit), torch.arange(n_fit, n_fit + len(images)),
         seed=images.seed, name=images.name, classes=images.classes,
     )
