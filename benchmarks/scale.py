@@ -216,7 +216,7 @@ def main() -> None:
         "the process's before the work (a memory-mapped file's pages are the page cache's). *not run*: expected "
         f"to take over {MEMORY_LIMIT:.0%} of this machine's memory.\n",
         f"**Loading a folder** of N 256 px JPEGs for {BANK[0]} (resize, centre crop to 224 px, normalise: 0.6 MB "
-        "per image as float32). *stream*: `load(..., stream=True)`, decoded 256 images at a time into "
+        "per image as float32). *stream*: `load(..., stream=True)`, decoded 64 images at a time into "
         "memory-mapped .npy files (what `load` does above 2 GiB); *memory*: `stream=False`.\n",
         "| images | time stream / memory | ms per image stream / memory | peak stream / memory |",
         "|---|---|---|---|",

@@ -36,7 +36,7 @@ log = logging.getLogger("ordersearch")
 
 #: A folder whose kept images take more than this as float32 tensors is streamed to disk.
 STREAM_BYTES = 2 * 2**30
-_CHUNK = 256  # images decoded and written at a time
+_CHUNK = 64  # images decoded and written at a time (the workspace: ~5 chunks of floats)
 _VERSION = 1  # of the files' layout and preprocessing: a change makes new files
 
 Progress = Callable[[str, int, int], None]
@@ -90,6 +90,9 @@ def _write(src: Source, parts: Mapping[str, torch.Tensor], prepare: Callable[[to
     done_all = sum(min(int(state.get(n, 0)), len(idx)) for n, idx in parts.items())
     if done_all:
         log.info("resuming a streamed dataset in %s at %d of %d images", folder, done_all, total)
+    else:  # gigabytes in the user's cache folder: say where
+        log.warning("streaming %d images (%.1f GiB) to %s, reused by later runs: delete the folder to free the space",
+                    total, total * 4 * int(np.prod(shape)) / 2**30, folder)
     for name, idx in parts.items():
         path = folder / f"{name}.npy"
         done = int(state.get(name, 0)) if path.is_file() else 0
