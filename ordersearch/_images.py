@@ -62,15 +62,16 @@ def gather(pieces: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.
     shape = (n, *first.shape[1:])
     nbytes = n * first[:1].numel() * first.element_size()
     if nbytes <= IN_MEMORY_BYTES:
-        return torch.cat([x[idx] for x, idx in rows])
-    folder = cache_root() / "tmp"
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryFile(dir=folder) as f:  # the map keeps the unlinked file alive
-        f.truncate(nbytes)
-        out = torch.from_numpy(np.memmap(f, dtype=np.dtype(str(first.dtype).removeprefix("torch.")), mode="r+",
-                                         shape=shape))
+        out = torch.empty(shape, dtype=first.dtype)
+    else:
+        folder = cache_root() / "tmp"
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder) as f:  # the map keeps the unlinked file alive
+            f.truncate(nbytes)
+            dtype = np.dtype(str(first.dtype).removeprefix("torch."))
+            out = torch.from_numpy(np.memmap(f, dtype=dtype, mode="r+", shape=shape))
     at = 0
-    for x, idx in rows:
+    for x, idx in rows:  # a few images at a time: no whole-set temporary
         for a in range(0, len(idx), _ROWS):
             part = idx[a : a + _ROWS]
             out[at : at + len(part)] = x[part]

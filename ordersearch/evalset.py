@@ -162,7 +162,7 @@ class EvalSet:
             h.update(f"{t.dtype}:{tuple(t.shape)}".encode())
             for start in range(0, max(len(t), 1), 256):  # in chunks: a memory-mapped x stays on disk
                 part = t[start : start + 256].detach().to("cpu").contiguous()
-                h.update(part.reshape(-1).view(torch.uint8).numpy().tobytes())
+                h.update(part.reshape(-1).view(torch.uint8).numpy())  # the buffer: no copy
         return h.hexdigest()
 
     def describe(self) -> dict[str, Any]:
