@@ -123,16 +123,16 @@ def load(
             xs = normalise(to_channels(resize(xs, cfg.size, cfg.interpolation), cfg.channels), cfg)
         return xs.contiguous()
 
-    streamed = None
-    if _streams(stream, parsed, src, parts, cfg):
-        images, streamed = stream_splits(src, dict(zip(SPLITS, parts)), lambda xs: finish(shift(xs)),
+    streamed = _streams(stream, parsed, src, parts, cfg)
+    if streamed:
+        images = stream_splits(src, dict(zip(SPLITS, parts)), lambda xs: finish(shift(xs)),
                                          {"spec": canonical, "seed": seed, "data_config": cfg.describe()}, progress)
         out = {name: (images[name], None if y is None else y[idx]) for name, idx in zip(SPLITS, parts)}
     else:
         x = shift(src.images())  # every image: its random draws do not depend on the subset kept
         out = {name: (finish(x[idx]), None if y is None else y[idx]) for name, idx in zip(SPLITS, parts)}
     description = _describe(canonical, parsed, src, cfg, seed, {k: len(v[0]) for k, v in out.items()}, classes)
-    if streamed is not None:
+    if streamed:
         description["streamed"] = True
     log.info("loaded %s: %s images in %.2fs", canonical, description["sizes"], time.perf_counter() - start)
     index = dict(zip(SPLITS, parts))

@@ -48,9 +48,9 @@ def stream_splits(
     prepare: Callable[[torch.Tensor], torch.Tensor],
     key: Mapping[str, Any],
     progress: Progress | None = None,
-) -> tuple[dict[str, torch.Tensor], Path]:
+) -> dict[str, torch.Tensor]:
     """Each split's images ``prepare(src.read(idx))``, in memory-mapped ``.npy`` files (made
-    now, resumed, or found from an earlier run), and their folder.
+    now, resumed, or found from an earlier run).
 
     Args:
         src: A folder source (its images are decoded by ``src.read``).
@@ -75,7 +75,7 @@ def stream_splits(
         out = {name: open_npy(folder / f"{name}.npy") if len(idx) else torch.zeros((0, *shape))
                for name, idx in parts.items()}
     log.info("%d images streamed to %s", total, folder)
-    return out, folder
+    return out
 
 
 def _write(src: Source, parts: Mapping[str, torch.Tensor], prepare: Callable[[torch.Tensor], torch.Tensor],
@@ -84,8 +84,6 @@ def _write(src: Source, parts: Mapping[str, torch.Tensor], prepare: Callable[[to
     assert src.read is not None
     first = next(idx for idx in parts.values() if len(idx))
     shape = tuple(prepare(src.read(first[:1])).shape[1:])
-    if list(shape) != state.get("shape", list(shape)):  # not the files this run would write
-        state.clear()
     state["shape"] = list(shape)
     done_all = sum(min(int(state.get(n, 0)), len(idx)) for n, idx in parts.items())
     if done_all:
@@ -94,14 +92,9 @@ def _write(src: Source, parts: Mapping[str, torch.Tensor], prepare: Callable[[to
         log.warning("streaming %d images (%.1f GiB) to %s, reused by later runs: delete the folder to free the space",
                     total, total * 4 * int(np.prod(shape)) / 2**30, folder)
     for name, idx in parts.items():
-        path = folder / f"{name}.npy"
-        done = int(state.get(name, 0)) if path.is_file() else 0
-        if len(idx) == 0 or (done >= len(idx) and path.is_file()):
+        if len(idx) == 0:
             continue
-        out = _open(path, (len(idx), *shape), resume=done > 0)
-        if out.shape != (len(idx), *shape):  # not the file this run would write: start it again
-            del out
-            out, done = _open(path, (len(idx), *shape), resume=False), 0
+        out, done = _open(folder / f"{name}.npy", (len(idx), *shape), int(state.get(name, 0)))
         for a in range(done, len(idx), _CHUNK):
             rows = idx[a : a + _CHUNK]
             out[a : a + len(rows)] = prepare(src.read(rows)).numpy()
@@ -112,18 +105,21 @@ def _write(src: Source, parts: Mapping[str, torch.Tensor], prepare: Callable[[to
             if progress is not None:
                 progress("streaming images", done_all, total)
         del out
-        state[name] = len(idx)
     state["complete"] = True
     write_atomic(state_path, json.dumps(state))
 
 
-def _open(path: Path, shape: tuple[int, ...], *, resume: bool) -> np.memmap:
-    if resume:
+def _open(path: Path, shape: tuple[int, ...], done: int) -> tuple[np.memmap, int]:
+    """The file to write, and how many of its images are written already: the ``done`` of a
+    file of this shape, else 0 and a new file."""
+    if done > 0:
         try:
-            return open_memmap(path, mode="r+")
-        except (ValueError, OSError):  # a file cut short by a full disk or a crash
+            out = open_memmap(path, mode="r+")
+            if out.shape == shape:
+                return out, min(done, len(out))
+        except (ValueError, OSError):  # missing, or cut short by a full disk or a crash
             pass
-    return open_memmap(path, mode="w+", dtype=np.float32, shape=shape)
+    return open_memmap(path, mode="w+", dtype=np.float32, shape=shape), 0
 
 
 def _digest(src: Source, parts: Mapping[str, torch.Tensor], key: Mapping[str, Any]) -> str:
