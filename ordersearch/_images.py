@@ -9,6 +9,7 @@ cache folder when they are large, so they stay on disk too and vanish with the p
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ import torch
 
 from .errors import DataError
 
-__all__ = ["IN_MEMORY_BYTES", "cache_root", "gather", "open_npy"]
+__all__ = ["IN_MEMORY_BYTES", "cache_root", "empty", "gather", "open_npy"]
 
 #: A derived image set larger than this is written to a temporary file rather than copied
 #: into memory.
@@ -51,25 +52,29 @@ def open_npy(path: str | Path) -> torch.Tensor:
     return torch.from_numpy(array)
 
 
+def empty(shape: Sequence[int], dtype: torch.dtype, in_memory_bytes: int | None = None) -> torch.Tensor:
+    """An uninitialised CPU tensor: in memory when it takes at most ``in_memory_bytes``
+    (default :data:`IN_MEMORY_BYTES`), else
+    over a memory-mapped temporary file in the cache folder (unlinked at once: it is freed when
+    the last view of it goes, and only the pages being read or written are resident)."""
+    shape = tuple(int(s) for s in shape)
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes <= (IN_MEMORY_BYTES if in_memory_bytes is None else in_memory_bytes):
+        return torch.empty(shape, dtype=dtype)
+    folder = cache_root() / "tmp"
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=folder) as f:  # the map keeps the unlinked file alive
+        f.truncate(nbytes)
+        return torch.from_numpy(np.memmap(f, dtype=np.dtype(str(dtype).removeprefix("torch.")), mode="r+", shape=shape))
+
+
 def gather(pieces: Sequence[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
     """The rows ``idx`` of each ``(x, idx)`` piece (every row for None), concatenated: in memory
     when they take at most :data:`IN_MEMORY_BYTES`, else in a memory-mapped temporary file
-    (unlinked at once: it is freed when the last view of it goes), copied a few images at a
-    time so that memory never holds the whole set."""
+    (:func:`empty`), copied a few images at a time so that memory never holds the whole set."""
     rows = [(x, torch.arange(len(x)) if idx is None else torch.as_tensor(idx).long()) for x, idx in pieces]
     first = rows[0][0]
-    n = sum(len(idx) for _, idx in rows)
-    shape = (n, *first.shape[1:])
-    nbytes = n * first[:1].numel() * first.element_size()
-    if nbytes <= IN_MEMORY_BYTES:
-        out = torch.empty(shape, dtype=first.dtype)
-    else:
-        folder = cache_root() / "tmp"
-        folder.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=folder) as f:  # the map keeps the unlinked file alive
-            f.truncate(nbytes)
-            dtype = np.dtype(str(first.dtype).removeprefix("torch."))
-            out = torch.from_numpy(np.memmap(f, dtype=dtype, mode="r+", shape=shape))
+    out = empty((sum(len(idx) for _, idx in rows), *first.shape[1:]), first.dtype)
     at = 0
     for x, idx in rows:  # a few images at a time: no whole-set temporary
         for a in range(0, len(idx), _ROWS):

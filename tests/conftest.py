@@ -8,6 +8,7 @@ convolution many times slower with 2 threads while another process was busy.
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # inherited by worker subprocesses
 
@@ -23,6 +24,23 @@ def _cache_folder(tmp_path_factory, monkeypatch):
     """Streamed datasets and large temporary image sets go to a throwaway folder, never to the
     user's ~/.cache."""
     monkeypatch.setenv("ORDERSEARCH_CACHE", str(tmp_path_factory.mktemp("cache")))
+
+
+def _mapped_file(t: torch.Tensor) -> str | None:
+    """The file whose memory map holds ``t``'s data, or None when it is in anonymous memory."""
+    ptr = t.data_ptr()
+    for line in Path("/proc/self/maps").read_text().splitlines():
+        span, _, _, _, inode, *path = line.split(maxsplit=5)
+        lo, hi = (int(v, 16) for v in span.split("-"))
+        if lo <= ptr < hi:
+            return path[0] if path and inode != "0" else None
+    return None
+
+
+@pytest.fixture
+def mapped_file():
+    """``mapped_file(t)``: the file a tensor's data is memory-mapped from (None: in memory)."""
+    return _mapped_file
 
 
 # --- PostgreSQL -------------------------------------------------------------------------------

@@ -326,18 +326,7 @@ def test_image_folder_errors(tmp_path):
 
 
 # --- folders streamed to disk --------------------------------------------------------------
-def _mapped_file(t: torch.Tensor) -> str | None:
-    """The file whose memory map holds ``t``'s data, or None when it is in anonymous memory."""
-    ptr = t.data_ptr()
-    for line in Path("/proc/self/maps").read_text().splitlines():
-        span, _, _, _, inode, *path = line.split(maxsplit=5)
-        lo, hi = (int(v, 16) for v in span.split("-"))
-        if lo <= ptr < hi:
-            return path[0] if path and inode != "0" else None
-    return None
-
-
-def test_a_streamed_folder_is_the_folder_loaded_in_memory(tmp_path):
+def test_a_streamed_folder_is_the_folder_loaded_in_memory(tmp_path, mapped_file):
     _write_pngs(tmp_path / "f", {"c0": 12, "c1": 12, "c7": 6})
     _write_pngs(tmp_path / "pre" / "train", {"a1": 4, "b2": 3})
     _write_pngs(tmp_path / "pre" / "val", {"b2": 2}, start=5)  # and no test split
@@ -348,7 +337,7 @@ def test_a_streamed_folder_is_the_folder_loaded_in_memory(tmp_path):
             (xw, yw), (xs, ys) = whole.split(name), streamed.split(name)
             assert torch.equal(xw, xs) and torch.equal(yw, ys) and torch.equal(whole.index[name], streamed.index[name])
             if len(xs):
-                assert _mapped_file(xs).startswith(os.environ["ORDERSEARCH_CACHE"])  # on disk, not in memory
+                assert mapped_file(xs).startswith(os.environ["ORDERSEARCH_CACHE"])  # on disk, not in memory
         assert streamed.spec == whole.spec and streamed.description["streamed"] is True
 
 
@@ -393,15 +382,15 @@ def test_streaming_says_what_it_cannot_do(tmp_path):
     assert load(f"{tmp_path / 'f'}:noise=0.1", RGB32).description.get("streamed") is None  # small: in memory
 
 
-def test_large_derived_image_sets_stay_on_disk(monkeypatch):
+def test_large_derived_image_sets_stay_on_disk(monkeypatch, mapped_file):
     from ordersearch import _images
 
     es = EvalSet(torch.randn(300, 3, 8, 8), torch.arange(300) % 3)
     small = es.subset(100)
-    assert _mapped_file(small.x) is None
+    assert mapped_file(small.x) is None
     monkeypatch.setattr(_images, "IN_MEMORY_BYTES", 10_000)
     big = es.subset(100)
-    assert torch.equal(big.x, small.x) and "(deleted)" in _mapped_file(big.x)  # an unlinked temporary file
+    assert torch.equal(big.x, small.x) and "(deleted)" in mapped_file(big.x)  # an unlinked temporary file
     assert not list((Path(os.environ["ORDERSEARCH_CACHE"]) / "tmp").iterdir())  # nothing left behind
     joined = _images.gather([(es.x, torch.tensor([5, 1])), (small.x, None)])
     assert torch.equal(joined, torch.cat([es.x[[5, 1]], small.x]))

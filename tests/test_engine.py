@@ -3,15 +3,17 @@ from __future__ import annotations
 import copy
 import gc
 import math
+import os
 import random
 import weakref
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from ordersearch import DataError, Order, OrderError, build_model, load_bank
-from ordersearch.engine import Engine, Score, count_distinct_prefixes, get_objective, list_objectives
+from ordersearch.engine import Engine, Probe, Score, count_distinct_prefixes, get_objective, list_objectives
 from ordersearch.evalset import EvalSet
 
 BANKS = {
@@ -642,6 +644,28 @@ def test_sharded_memory_does_not_grow_with_the_number_of_images():
         assert engine.stats.live_bytes_peak <= 2**20 + 8 * node
         peaks.append(engine.stats.live_bytes_peak)
     assert peaks[1] <= peaks[0] * 1.05, peaks  # 4x the images, the same memory
+
+
+def test_a_sharded_batch_s_outputs_go_to_disk_when_large(monkeypatch, mapped_file):
+    """A sharded level's outputs are complete only after its last shard, so a batch holds every
+    candidate's outputs over all images: beyond 128 MiB (here: beyond none) they are filled
+    into a temporary file the objective reads, with the scores of outputs in memory."""
+    from ordersearch.engine import _engine
+
+    bank, es = _shard_problem(320)
+    orders = _random_orders(4, 12, seed=6, max_len=6)
+    kw = dict(cache_bytes=2**22, batch_size=32, device="cpu", shard_images=64)
+    in_memory = [(s.value, s.metrics) for s in Engine(bank, es, "probe", **kw).evaluate(orders)]
+    monkeypatch.setattr(_engine, "_OUTPUT_BYTES", 0)
+    engine = Engine(bank, es, Probe(chunk=50), **kw)
+    seen: list[str | None] = []
+    real = Probe.score_many
+    monkeypatch.setattr(Probe, "score_many", lambda self, outs, *a: seen.extend(map(mapped_file, outs)) or real(self, outs, *a))
+    scores = engine.evaluate(orders)
+    assert [s.value for s in scores] == pytest.approx([v for v, _ in in_memory], abs=1e-4)
+    assert [s.metrics for s in scores] == [m for _, m in in_memory]
+    assert len(seen) == len(set(orders)) and all("(deleted)" in f for f in seen)  # unlinked temporary files
+    assert not list((Path(os.environ["ORDERSEARCH_CACHE"]) / "tmp").iterdir())  # nothing left behind
 
 
 def test_shards_are_automatic_when_the_data_outgrows_the_budget():

@@ -27,6 +27,7 @@ from typing import Any, Literal
 
 import torch
 
+from .._images import empty
 from ..bank import Bank
 from ..errors import BankError, DataError
 from ..evalset import EvalSet
@@ -46,6 +47,9 @@ _MEMO_SIZE = 1 << 16
 _STATS_SIZE = 1 << 17
 _SCORE_BATCH = 64  # candidates scored in one objective call, at most
 _SCORE_BYTES = 32 * 2**20  # and their outputs' bytes
+#: A sharded level's outputs of one batch of candidates (made shard by shard, complete only
+#: after the last) beyond this many bytes go to a temporary file, not to memory.
+_OUTPUT_BYTES = 128 * 2**20
 
 
 def _slices(n: int, batch_size: int) -> list[slice]:
@@ -380,27 +384,40 @@ class Engine:
         """Walk the sorted, distinct ``ids`` over ``level``: ``ready(ids, outputs)`` with each
         candidate's outputs over all the level's images, or ``failed(ids, reason)``. A sharded
         level is walked shard by shard (each shard's stem output given back after its walk),
-        and a candidate's outputs are the concatenation of its shards'. ``diagnose``: from the
+        and a candidate's outputs are filled in shard by shard (on the CPU into a temporary file
+        when the batch's take over :data:`_OUTPUT_BYTES`: the objective reads them from there,
+        so memory does not grow with the images; ``probe`` in chunks). ``diagnose``: from the
         stem and past the cache (a cached prefix would hide where an order went wrong), with
         the checks that name a failing block, on any device."""
         if level.shards is None:
             self._walk_one(level, ids, ready, failed, diagnose)
             return
-        parts: dict[tuple[int, ...], list[torch.Tensor]] = {i: [] for i in ids}
+        outputs: dict[tuple[int, ...], torch.Tensor] = {}
         reasons: dict[tuple[int, ...], str] = {}
+        at = 0
+
+        def put(i: tuple[int, ...], out: torch.Tensor) -> None:
+            if i not in outputs:  # the batch's outputs over all images: on disk when large
+                shape = (level.n, *out.shape[1:])
+                outputs[i] = (empty(shape, out.dtype, _OUTPUT_BYTES // len(ids)) if out.device.type == "cpu"
+                              else out.new_empty(shape))
+            outputs[i][at : at + len(out)] = out
+
         for shard in level.shards:
             alive = [i for i in ids if i not in reasons]
             if not alive:
                 break
-            self._walk_one(shard, alive, lambda i, out: parts[i].append(out), reasons.setdefault, diagnose)
+            self._walk_one(shard, alive, put, reasons.setdefault, diagnose)
+            at += shard.n
             if shard.root is not None:
                 shard.root.release()
                 shard.root = None
         for i in ids:
             if i in reasons:
+                outputs.pop(i, None)
                 failed(i, reasons[i])
             else:
-                ready(i, torch.cat(parts.pop(i)))
+                ready(i, outputs.pop(i))
 
     def _walk_one(self, level: _Level, ids: list[tuple[int, ...]],
                   ready: Callable[[tuple[int, ...], torch.Tensor], None],

@@ -24,7 +24,8 @@ import torch
 
 from ..errors import ObjectiveError
 from ..evalset import EvalSet
-from .objectives import _GROUP_BYTES, Objective, _left_singular, candidate_groups, single_threaded
+from ._probe import _CHUNK_BYTES, _WHOLE_BYTES, _left_singular
+from .objectives import _GROUP_BYTES, Objective, candidate_groups, single_threaded
 
 __all__ = ["Knn", "LogME"]
 
@@ -107,18 +108,30 @@ class Knn(Objective):
             if self.center:
                 x = x - x.mean(1, keepdim=True)
             x = torch.nn.functional.normalize(x, dim=2)
-            sim = x @ x.mT  # (B, N, N)
-            sim.diagonal(dim1=1, dim2=2).fill_(-math.inf)
-            k = min(self.k, sim.shape[1] - 1)
-            top, idx = sim.topk(k, dim=2)  # (B, N, k), most similar first
-            if self.temperature > 0:
-                w = ((top - top[..., :1]) / self.temperature).exp()
-            else:
-                w = torch.ones_like(top)
+            (b, n, _), k = x.shape, min(self.k, x.shape[1] - 1)
             y = state.y.to(x.device)
-            votes = torch.zeros(*top.shape[:2], state.n_classes, dtype=w.dtype, device=x.device)
-            votes.scatter_add_(2, y[idx], w)
-            return votes.max(2).indices == y
+            right = torch.empty(b, n, dtype=torch.bool, device=x.device)
+            for rows in similarity_rows(b, n):  # (B, m, N) similarities at a time, not (B, N, N)
+                sim = x[:, rows] @ x.mT  # (B, m, N)
+                own = torch.arange(rows.start, rows.stop, device=x.device)
+                sim[:, own - rows.start, own] = -math.inf  # not itself
+                top, idx = sim.topk(k, dim=2)  # (B, m, k), most similar first
+                if self.temperature > 0:
+                    w = ((top - top[..., :1]) / self.temperature).exp()
+                else:
+                    w = torch.ones_like(top)
+                votes = torch.zeros(*top.shape[:2], state.n_classes, dtype=w.dtype, device=x.device)
+                votes.scatter_add_(2, y[idx], w)
+                right[:, rows] = votes.max(2).indices == y[rows]
+            return right
+
+
+def similarity_rows(b: int, n: int) -> list[slice]:
+    """Ranges of image rows whose (B, rows, N) float64 similarities to all ``n`` images take
+    at most :data:`_SIM_BYTES` (one range when the whole (B, N, N) matrices do), so a large
+    set's similarity matrix is never held whole."""
+    step = max(1, _SIM_BYTES // (8 * b * n))
+    return [slice(a, min(a + step, n)) for a in range(0, n, step)]
 
 
 @dataclass(frozen=True)
@@ -134,10 +147,14 @@ class LogME(Objective):
     paper's fixed-point updates (a fixed number of iterations, so a batch of candidates is
     computed exactly like one), from the eigendecomposition of the features' smaller Gram
     matrix. Higher evidence means the labels are easier to explain linearly. Features are
-    used raw (float64), as in the paper.
+    used raw (float64), as in the paper. The evidence needs only the D x D Gram matrix and the
+    features-labels products, so a set of more images than one 16 MiB float64 copy holds is
+    read in chunks of images.
 
     Args:
         iterations: Fixed-point updates per class.
+        chunk: Images per chunk, to read every set of more images than features in chunks of
+            this many (default: only sets too large for one float64 copy).
 
     Side metrics: ``alpha_over_beta`` (mean over classes of the fitted ridge strength).
     """
@@ -147,10 +164,13 @@ class LogME(Objective):
     needs_labels = True
     truth = "probe"
 
-    def __init__(self, iterations: int = 30) -> None:
+    def __init__(self, iterations: int = 30, *, chunk: int | None = None) -> None:
         if int(iterations) < 1:
             raise ObjectiveError(f"logme iterations must be >= 1, got {iterations}")
+        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+            raise ObjectiveError(f"logme chunk must be a positive number of images, got {chunk!r}")
         self.iterations = int(iterations)
+        self.chunk = chunk
 
     def prepare(self, evalset: EvalSet) -> _LogMEState:
         assert evalset.y is not None
@@ -165,10 +185,17 @@ class LogME(Objective):
     ) -> list[tuple[float, dict[str, float]]]:
         if not outputs:
             return []
+        n, d = len(outputs[0]), outputs[0][0].numel()
         out = []
+        if d < n and (self.chunk is not None or 8 * n * d > _WHOLE_BYTES):  # many images
+            rows = self.chunk or max(256, _CHUNK_BYTES // (8 * d))
+            for o in outputs:
+                evidence, ratio = self._evidence(*_gram_spectrum(o.detach().flatten(1), state.onehot, rows), n, d)
+                out.append((float(evidence[0]), {"alpha_over_beta": float(ratio[0])}))
+            return out
         for group in candidate_groups(outputs, 8 * outputs[0].numel()):
             x = torch.stack(group).detach().to("cpu", torch.float64).flatten(2)
-            evidence, ratio = self._evidence(x, state.onehot.expand(len(group), -1, -1))
+            evidence, ratio = self._evidence(*_spectrum(x, state.onehot.expand(len(group), -1, -1)), n, d)
             out += [(e, {"alpha_over_beta": r}) for e, r in zip(evidence.tolist(), ratio.tolist())]
         return out
 
@@ -176,16 +203,17 @@ class LogME(Objective):
         """LogME of every resample, computed as a batch (a resample is a candidate of its own)."""
         x = outputs.detach().to("cpu", torch.float64).flatten(1)
         step = max(1, _GROUP_BYTES // max(8 * idx.shape[1] * x.shape[1], 1))
-        return torch.cat([self._evidence(x[rows], state.onehot[rows])[0] for rows in idx.split(step)])
+        return torch.cat([self._evidence(*_spectrum(x[rows], state.onehot[rows]), idx.shape[1], x.shape[1])[0]
+                          for rows in idx.split(step)])
 
-    def _evidence(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-image evidence averaged over classes (B,), and mean alpha / beta (B,), for
-        features ``x`` (B, N, D) and one-hot labels ``y`` (B, N, C)."""
+    def _evidence(self, sigma: torch.Tensor, x2: torch.Tensor, y2: torch.Tensor, n: int,
+                  d: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-image evidence averaged over classes (B,), and mean alpha / beta (B,), of ``n``
+        images with ``d`` features, from the features' squared singular values ``sigma``
+        (B, r), the labels' energy along each singular direction ``x2`` (B, r, C) and in all
+        ``y2`` (B, C)."""
         with single_threaded():
-            n, d = x.shape[1:]
-            sigma, ut = _left_singular(x.mT.contiguous())  # (B, r), (B, r, N)
-            x2 = (ut @ y).square()  # (B, r, C): labels' energy along each direction
-            res_x2 = (y.square().sum(1) - x2.sum(1)).clamp_min(0)  # (B, C): outside the features' span
+            res_x2 = (y2 - x2.sum(1)).clamp_min(0)  # (B, C): outside the features' span
             s = sigma[:, :, None]  # (B, r, 1)
             alpha = torch.ones_like(res_x2)
             beta = torch.ones_like(res_x2)
@@ -211,3 +239,31 @@ class LogME(Objective):
                 - n / 2 * math.log(2 * math.pi)
             ) / n
             return evidence.mean(1), (alpha / beta).mean(1)
+
+
+def _spectrum(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What :meth:`LogME._evidence` reads of features ``x`` (B, N, D) and labels ``y``
+    (B, N, C), from one eigendecomposition of the smaller Gram matrix."""
+    with single_threaded():
+        sigma, ut = _left_singular(x.mT.contiguous())  # (B, r), (B, r, N)
+        return sigma, (ut @ y).square(), y.square().sum(1)
+
+
+def _gram_spectrum(x: torch.Tensor, y: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`_spectrum` of one candidate's features ``x`` (N, D), N > D, maybe memory-mapped,
+    read ``rows`` images at a time: from the D x D Gram matrix ``x^T x = v diag(sigma) v^T``
+    and ``x^T y``, since the labels' energy along the left singular vector ``x v_i / sqrt(sigma_i)``
+    is ``(v_i^T x^T y)^2 / sigma_i``."""
+    with single_threaded():
+        d = x.shape[1]
+        gram = torch.zeros(d, d, dtype=torch.float64)
+        xy = torch.zeros(d, y.shape[1], dtype=torch.float64)
+        for a in range(0, len(x), rows):
+            xc = x[a : a + rows].to("cpu", torch.float64)
+            gram += xc.T @ xc
+            xy += xc.T @ y[a : a + rows]
+        lam, v = torch.linalg.eigh(gram)
+        lam = lam.clamp_min(0)
+        keep = lam > 1e-12 * lam[-1:]
+        x2 = (v.T @ xy).square() * torch.where(keep, lam, 1.0).reciprocal().mul(keep)[:, None]
+        return torch.where(keep, lam, 0.0)[None], x2[None], y.square().sum(0)[None]

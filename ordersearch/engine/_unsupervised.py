@@ -22,7 +22,7 @@ import torch
 
 from ..errors import ObjectiveError
 from ..evalset import EvalSet
-from ._transfer import _SIM_BYTES, work_dtype
+from ._transfer import _SIM_BYTES, similarity_rows, work_dtype
 from .objectives import _GROUP_BYTES, Objective, _accuracy, candidate_groups, single_threaded
 
 __all__ = ["BNM", "SND"]
@@ -84,10 +84,14 @@ class SND(Objective):
             raise ObjectiveError("snd needs at least 2 images")
         with single_threaded(p.device):
             q = torch.nn.functional.normalize(p, dim=2)
-            sim = (q @ q.mT) / self.temperature
-            diag = torch.eye(sim.shape[1], dtype=torch.bool, device=sim.device)
-            logq = torch.log_softmax(sim.masked_fill(diag, float("-inf")), dim=2).masked_fill(diag, 0.0)
-            return -(logq.exp() * logq).sum(2)
+            (b, n, _) = q.shape
+            out = torch.empty(b, n, dtype=q.dtype, device=q.device)
+            for rows in similarity_rows(b, n):  # (B, m, N) similarities at a time, not (B, N, N)
+                sim = (q[:, rows] @ q.mT) / self.temperature
+                diag = torch.arange(rows.start, rows.stop, device=q.device)[:, None] == torch.arange(n, device=q.device)
+                logq = torch.log_softmax(sim.masked_fill(diag, float("-inf")), dim=2).masked_fill(diag, 0.0)
+                out[:, rows] = -(logq.exp() * logq).sum(2)
+            return out
 
 
 class BNM(Objective):
