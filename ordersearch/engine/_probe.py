@@ -112,11 +112,9 @@ class Probe(Objective):
             dtype = {"float32": torch.float32, "float64": torch.float64}.get(dtype, dtype)  # type: ignore[arg-type]
         if dtype not in (torch.float32, torch.float64):
             raise ObjectiveError(f"probe dtype must be float32 or float64, got {dtype}")
-        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
-            raise ObjectiveError(f"probe chunk must be a positive number of images, got {chunk!r}")
         self.alphas = tuple(float(a) for a in alphas)
         self.dtype = dtype
-        self.chunk = chunk
+        self.chunk = checked_chunk("probe", chunk)
 
     def prepare(self, evalset: EvalSet) -> _ProbeState:
         assert evalset.y is not None
@@ -160,10 +158,8 @@ class Probe(Objective):
         """The scores of one group of candidates and their val predictions (B, n_val)."""
         n_images, d = len(outputs[0]), outputs[0][0].numel()
         n, a, c = len(state.train), len(self.alphas), state.onehot.shape[1]
-        if d < n and (self.chunk is not None or 8 * n_images * d > _WHOLE_BYTES):
-            rows = self.chunk or max(256, _CHUNK_BYTES // (8 * len(outputs) * max(d, a * c)))
-            return self._chunked(outputs, state, rows)
-        return self._whole(outputs, state)
+        rows = chunk_rows(self.chunk, n_images, n, d, len(outputs) * max(d, a * c))
+        return self._whole(outputs, state) if rows is None else self._chunked(outputs, state, rows)
 
     def _whole(
         self, outputs: Sequence[torch.Tensor], state: _ProbeState
@@ -281,6 +277,24 @@ class Probe(Objective):
             (v / n_val, {"alpha": self.alphas[i], "loo_accuracy": lo / n, "train_accuracy": tr / n})
             for v, i, lo, tr in zip(*counts.tolist())
         ]
+
+
+def checked_chunk(name: str, chunk: int | None) -> int | None:
+    """An objective's ``chunk`` option (images per chunk, None: automatic), checked."""
+    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+        raise ObjectiveError(f"{name} chunk must be a positive number of images, got {chunk!r}")
+    return chunk
+
+
+def chunk_rows(chunk: int | None, n_images: int, n_fit: int, d: int, width: int) -> int | None:
+    """Images per chunk for an objective that can fit from D x D statistics, or None to read
+    the features whole: whole when they are no more than ``n_fit`` (the images it fits on;
+    the n x n Gram matrix is then the small one), or, unless ``chunk`` is given, when
+    ``n_images`` x ``d`` features take at most :data:`_WHOLE_BYTES` as float64; else ``chunk``
+    or as many as :data:`_CHUNK_BYTES` of float64 work ``width`` values wide per image hold."""
+    if d >= n_fit or (chunk is None and 8 * n_images * d <= _WHOLE_BYTES):
+        return None
+    return chunk or max(256, _CHUNK_BYTES // (8 * width))
 
 
 def _guarded(sd: torch.Tensor, dim: int) -> torch.Tensor:

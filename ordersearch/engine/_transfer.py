@@ -24,7 +24,7 @@ import torch
 
 from ..errors import ObjectiveError
 from ..evalset import EvalSet
-from ._probe import _CHUNK_BYTES, _WHOLE_BYTES, _left_singular
+from ._probe import _left_singular, checked_chunk, chunk_rows
 from .objectives import _GROUP_BYTES, Objective, candidate_groups, single_threaded
 
 __all__ = ["Knn", "LogME"]
@@ -167,10 +167,8 @@ class LogME(Objective):
     def __init__(self, iterations: int = 30, *, chunk: int | None = None) -> None:
         if int(iterations) < 1:
             raise ObjectiveError(f"logme iterations must be >= 1, got {iterations}")
-        if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
-            raise ObjectiveError(f"logme chunk must be a positive number of images, got {chunk!r}")
         self.iterations = int(iterations)
-        self.chunk = chunk
+        self.chunk = checked_chunk("logme", chunk)
 
     def prepare(self, evalset: EvalSet) -> _LogMEState:
         assert evalset.y is not None
@@ -187,8 +185,8 @@ class LogME(Objective):
             return []
         n, d = len(outputs[0]), outputs[0][0].numel()
         out = []
-        if d < n and (self.chunk is not None or 8 * n * d > _WHOLE_BYTES):  # many images
-            rows = self.chunk or max(256, _CHUNK_BYTES // (8 * d))
+        rows = chunk_rows(self.chunk, n, n, d, d)
+        if rows is not None:  # many images
             for o in outputs:
                 evidence, ratio = self._evidence(*_gram_spectrum(o.detach().flatten(1), state.onehot, rows), n, d)
                 out.append((float(evidence[0]), {"alpha_over_beta": float(ratio[0])}))
