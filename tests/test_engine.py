@@ -515,8 +515,9 @@ def test_timers_split_the_wall_clock_time(banks, data):
     engine = Engine(banks["isoresnet"], data["isoresnet"], "probe", cache_bytes=2**24)
     engine.evaluate(_random_orders(4, 12, seed=4))
     st = engine.stats
-    parts = st.block_seconds + st.stem_seconds + st.output_seconds + st.objective_seconds
+    parts = st.block_seconds + st.stem_seconds + st.output_seconds + st.objective_seconds + st.memory_seconds
     assert 0 < st.block_seconds and 0 < st.output_seconds and 0 < st.objective_seconds
+    assert 0 < st.memory_seconds  # the pool's new buffers, faulted in apart from the blocks
     assert parts + st.plan_seconds <= st.total_seconds  # planning is part of the overhead
     assert 0 < st.plan_seconds <= st.overhead_seconds
     assert st.as_dict()["plan_us_per_candidate"] == pytest.approx(1e6 * st.plan_seconds / st.candidates)

@@ -50,6 +50,8 @@ _SCORE_BYTES = 32 * 2**20  # and their outputs' bytes
 #: A sharded level's outputs of one batch of candidates (made shard by shard, complete only
 #: after the last) beyond this many bytes go to a temporary file, not to memory.
 _OUTPUT_BYTES = 128 * 2**20
+#: Bytes of a memory page (a new CPU buffer is faulted in one byte per page).
+_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 
 def _slices(n: int, batch_size: int) -> list[slice]:
@@ -555,15 +557,21 @@ class Engine:
     def _make_buffer(self, key: object) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """A new buffer for the pool key ``(images, activation shape)``, and its views of the
         level's chunks (a level's size fixes its chunks)."""
+        t0 = time.perf_counter()
         n, shape = key  # type: ignore[misc]
         buffer = torch.empty((n, *shape), dtype=self.dtype, device=self.device)
+        if buffer.device.type == "cpu":
+            # fault its pages in here (one byte each), not inside the block forward that
+            # first writes it, so that the block time is the block's (stats.memory_seconds)
+            buffer.view(-1).view(torch.uint8)[::_PAGE].zero_()
+        self.stats.memory_seconds += time.perf_counter() - t0
         return buffer, [buffer[s] for s in _slices(n, self.batch_size)]
 
     def _root(self, level: _Level) -> Handle:
         """The stem output of ``level``'s images, computed once."""
         if level.root is not None:
             return level.root
-        t0 = time.perf_counter()
+        t0, memory0 = time.perf_counter(), self.stats.memory_seconds
         x = level.x
         if self.device.type == "cuda":
             x = x.pin_memory()
@@ -580,7 +588,7 @@ class Engine:
         self._forward(self.bank.stem, inputs, level, "stem", ("stem", (level.index,)), write)
         level.root = handle[0].acquire()
         self.stats.stem_evals += 1
-        self.stats.stem_seconds += time.perf_counter() - t0
+        self.stats.stem_seconds += time.perf_counter() - t0 - (self.stats.memory_seconds - memory0)
         return level.root
 
     def _compute(self, level: _Level, key: Key, parent: Handle, out: Handle) -> None:
@@ -588,10 +596,10 @@ class Engine:
         into the pooled buffer itself when it defines ``forward_into(x, out)`` (the isoresnet
         and compositional blocks do; fp32 with the bank's statistics), else its output is
         copied in."""
-        t0, start = time.perf_counter(), self._gpu_start()
         src = parent.chunks
         assert src is not None
-        dst = self.pool.fill(out)
+        dst = self.pool.fill(out)  # a new buffer's time goes to stats.memory_seconds
+        t0, start = time.perf_counter(), self._gpu_start()
         # block_at: banks with per-position statistics run the block bound to this position
         block = self._blocks[key[-1]] if self._blocks is not None else self.bank.block_at(key[-1], len(key) - 2)
         into = getattr(block, "forward_into", None) if self._direct else None

@@ -78,6 +78,11 @@ class EngineStats:
         total_seconds: Wall-clock time inside ``evaluate``.
         plan_seconds: Time planning walks over the cache's bookkeeping (which prefixes to
             compute, admit and evict): part of the overhead, the trie's own share of it.
+        memory_seconds: Time taking new activation buffers into use (on the CPU, faulting in
+            their pages: up to 0.2 ms per MiB on 2 CPU cores). Each buffer is paid for once, when the
+            cache and paths first grow to it, and then reused, so it is a cost of the cache's
+            size, not of the candidates, and a long search amortises it; part of neither the
+            block nor the stem time.
     """
 
     candidates: int = 0
@@ -100,13 +105,15 @@ class EngineStats:
     objective_seconds: float = 0.0
     total_seconds: float = 0.0
     plan_seconds: float = 0.0
+    memory_seconds: float = 0.0
 
     @property
     def overhead_seconds(self) -> float:
-        """Time that is neither block, stem, tail nor objective: the walk's bookkeeping."""
+        """Time that is neither block, stem, tail, objective nor new memory: the walk's bookkeeping."""
         return max(
             0.0,
-            self.total_seconds - self.block_seconds - self.stem_seconds - self.output_seconds - self.objective_seconds,
+            self.total_seconds - self.block_seconds - self.stem_seconds - self.output_seconds - self.objective_seconds
+            - self.memory_seconds,
         )
 
     @property
