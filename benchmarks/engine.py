@@ -686,7 +686,7 @@ def sibling_rows(name, bank, data, streams: dict, cands: int, batch_size: int, d
                      f"{saved} ({saved / total:.0%}) |")
     blocks = [b.to(device) for b in bank.blocks]
     pays: list[str] = []
-    sizes = sorted({8, 64, batch_size, len(data)})
+    sizes = sorted({n for n in (8, 64, batch_size, len(data)) if n <= len(data)})
     lines += ["\nTime of k sibling forwards one after the other / as one batched call (medians of 15, the two "
               "alternating; " + ("CUDA events" if cuda else "wall clock") + "; outputs equal within 1e-4 unless noted):\n",
               "| k | " + " | ".join(f"{n} images" for n in sizes) + " |", "|---|" + "---|" * len(sizes)]
@@ -884,14 +884,13 @@ def main(argv: list[str] | None = None) -> None:
             mem = [] if cuda else memory_subprocess(args.quick, args.threads)
             mem_ok = None if cuda else any("(ok)" in r for r in mem) and not any("(over)" in r for r in mem)
             rows = mem + bf16_rows(name, bank, data, evo, budget, bs, args.device)
-            rows += sibling_rows(name, bank, data, streams, cands, bs, args.device)
             lines += rows
             print("\n".join(rows), flush=True)
-        if name == "isoresnet8":
-            rows = sibling_rows(name, bank, data, streams, cands, bs, args.device)
-            rows += [] if cuda else malloc_rows(args.quick, args.threads)
-            lines += rows
-            print("\n".join(rows), flush=True)
+        rows = sibling_rows(name, bank, data, streams, cands, bs, args.device)
+        if name == "isoresnet8" and not cuda:
+            rows += malloc_rows(args.quick, args.threads)
+        lines += rows
+        print("\n".join(rows), flush=True)
     load_end = os.getloadavg()[0]
     lines += targets(all_facts, all_timed, mem_ok)
     lines.append(f"\nTotal benchmark time {time.perf_counter() - t_start:.0f} s. Load average (1 min) "
