@@ -334,6 +334,20 @@ def block_forward_seconds(bank, data: EvalSet, batch_size: int, device: str, dty
     return sampler.seconds()
 
 
+def timed_call(fn: Callable[[], object], cuda: bool) -> float:
+    """Seconds of one ``fn()``: the GPU's (CUDA events, waited for) on CUDA, else wall clock."""
+    if not cuda:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    return start.elapsed_time(end) / 1e3
+
+
 class LimitSampler:
     """One isolated block forward over all of ``data`` per :meth:`sample` (the bank's blocks in
     turn, in chunks of ``batch_size`` as the engine runs them; CUDA events on a GPU), taken
@@ -360,17 +374,7 @@ class LimitSampler:
         block = self.bank.blocks[self._next % len(self.bank.blocks)]
         self._next += 1
         with torch.inference_mode(), self._auto():
-            if self.cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-            t0 = time.perf_counter()
-            for c in self.chunks:
-                block(c)
-            if self.cuda:
-                end.record()
-                end.synchronize()
-                return start.elapsed_time(end) / 1e3
-            return time.perf_counter() - t0
+            return timed_call(lambda: [block(c) for c in self.chunks], self.cuda)
 
     def sample(self) -> None:
         self.times.append(self._one())
@@ -723,17 +727,7 @@ def _paired_seconds(a: Callable[[], object], b: Callable[[], object], cuda: bool
     a(), b()
     for _ in range(repeats):
         for fn, out in zip((a, b), times):
-            if cuda:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                out.append(start.elapsed_time(end) / 1e3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                out.append(time.perf_counter() - t0)
+            out.append(timed_call(fn, cuda))
     return sorted(times[0])[repeats // 2], sorted(times[1])[repeats // 2]
 
 
