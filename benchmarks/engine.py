@@ -148,8 +148,13 @@ def all_orders(batches: list) -> list[Order]:
     return [o for orders, _ in batches for o in orders]
 
 
+def prefixes(orders) -> set[tuple[int, ...]]:
+    """The non-empty prefixes of ``orders`` (as id tuples)."""
+    return {o.ids[:i] for o in orders for i in range(1, len(o) + 1)}
+
+
 def distinct_prefixes(orders) -> int:
-    return len({o.ids[:i] for o in orders for i in range(1, len(o) + 1)})
+    return len(prefixes(orders))
 
 
 def sorted_sequential(batches: list) -> int:
@@ -465,12 +470,13 @@ def throughput_table(name, bank, data, streams, n_candidates, facts, batch_size,
         py, py_block, py_plan = bookkeeping_on_proxy(bank.n_blocks, batches, 0.25 * limit)
         per_forward = 1e6 * st.overhead_seconds / st.block_evals
         per_block = f"{1e3 * eng_pb:.2f} / {1e3 * nai_pb:.2f} ms ({eng_pb / nai_pb:.2f})"
+        off_blocks = (st.total_seconds - st.block_seconds - st.memory_seconds) / st.total_seconds
         rows.append(
             f"| {s} | {len(orders)} | {len(orders) / et:.1f} | {len(orders) / nt:.1f} | {speed:.2f}x | "
             f"{ratio:.2f}x | {speed / ratio:.2f} | {per_block} | {cold_pb / nai_pb:.2f} | "
             f"{st.overhead_us_per_candidate:.0f} / {per_forward:.1f}, {st.plan_us_per_candidate:.0f} "
             f"({py:.0f} / {py_block:.1f}, {py_plan:.0f}) | "
-            f"{(st.total_seconds - st.block_seconds - st.memory_seconds) / st.total_seconds:.1%} "
+            f"{off_blocks:.1%} "
             f"({(st.output_seconds + st.objective_seconds) / st.total_seconds:.1%}) | "
             f"{'yes' if same else 'NO'}{'' if st.block_evals == proxy else f' (counts {st.block_evals} != proxy {proxy})'} |"
         )
@@ -486,7 +492,7 @@ def throughput_table(name, bank, data, streams, n_candidates, facts, batch_size,
         out[s] = dict(values=dict(zip((o.ids for o in orders), ev)), naive_best=max(v for v in nv if v == v),
                       fraction=fraction, steady=steady, nonblock_limit=nonblock,
                       same=same, speed=speed, ratio=ratio, per_block=eng_pb / nai_pb,
-                      nonblock=(st.total_seconds - st.block_seconds - st.memory_seconds) / st.total_seconds,
+                      nonblock=off_blocks,
                       tail_probe=(st.output_seconds + st.objective_seconds) / st.total_seconds,
                       bookkeeping=st.overhead_us_per_candidate, bookkeeping_proxy=py,
                       bookkeeping_block=per_forward, bookkeeping_block_proxy=py_block,
@@ -647,11 +653,11 @@ def sibling_counts(batches: list) -> tuple[int, int, int]:
     many groups."""
     total = grouped = groups = 0
     for orders, _ in batches:
-        prefixes = {o.ids[:i] for o in orders for i in range(1, len(o) + 1)}
+        nodes = prefixes(orders)
         children: dict[tuple[int, ...], int] = {}
-        for p in prefixes:
+        for p in nodes:
             children[p[:-1]] = children.get(p[:-1], 0) + 1
-        total += len(prefixes)
+        total += len(nodes)
         grouped += sum(c for c in children.values() if c > 1)
         groups += sum(1 for c in children.values() if c > 1)
     return total, grouped, groups

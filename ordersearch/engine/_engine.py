@@ -19,6 +19,7 @@ import contextlib
 import functools
 import logging
 import math
+import mmap
 import os
 import time
 from collections import OrderedDict
@@ -51,7 +52,7 @@ _SCORE_BYTES = 32 * 2**20  # and their outputs' bytes
 #: after the last) beyond this many bytes go to a temporary file, not to memory.
 _OUTPUT_BYTES = 128 * 2**20
 #: Bytes of a memory page (a new CPU buffer is faulted in one byte per page).
-_PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+_PAGE = mmap.PAGESIZE
 
 
 def _slices(n: int, batch_size: int) -> list[slice]:
